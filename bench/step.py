@@ -1,0 +1,136 @@
+"""One transformer step, ours against diffusers' `CogVideoXTransformer3DModel`, in one process on one GPU.
+
+Both models hold the same random weights (real shapes, random values: no checkpoint can be downloaded
+here), get the same inputs, and are timed with CUDA events after warm-up (median). The relative error of
+our output against diffusers' is printed beside the times.
+
+    python -m bench.step --preset cogvideox-5b --batch 2 --frames 49 --height 480 --width 720
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+
+def cuda_times(fn, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
+
+
+def diffusers_rope(cfg, t, h, w, device):
+    """RoPE tables exactly as diffusers' pipeline builds them, independent of our model file."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+    base_h, base_w = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
+    if cfg.patch_size_t is None:
+        crops = get_resize_crop_region_for_grid((h, w), base_w, base_h)
+        return get_3d_rotary_pos_embed(cfg.head_dim, crops, (h, w), t, device=device)
+    return get_3d_rotary_pos_embed(cfg.head_dim, None, (h, w), t, grid_type="slice", max_size=(base_h, base_w),
+                                   device=device)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="cogvideox-5b")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--frames", type=int, default=49)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=720)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    from diffusers import CogVideoXTransformer3DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from engine.loader import build_transformer, to_engine_state_dict
+    from engine.model import PRESETS
+
+    cfg = PRESETS[args.preset]
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    torch.set_default_dtype(dt)
+    with dev:
+        ref = CogVideoXTransformer3DModel(**cfg.to_diffusers()).eval().requires_grad_(False)
+    torch.set_default_dtype(torch.float32)
+    # ours shares every tensor with diffusers' module except the fused qkv
+    ours = build_transformer(cfg, to_engine_state_dict(dict(ref.state_dict()), cfg), dt)
+
+    lat_f = (args.frames - 1) // 4 + 1
+    if cfg.patch_size_t:
+        lat_f += lat_f % cfg.patch_size_t
+    B, H, W = args.batch, args.height // 8, args.width // 8
+    g = torch.Generator(dev).manual_seed(1)
+    x = torch.randn(B, lat_f, cfg.in_channels, H, W, device=dev, dtype=dt, generator=g)
+    text = torch.randn(B, cfg.max_text_seq_length, cfg.text_embed_dim, device=dev, dtype=dt, generator=g)
+    t = torch.full((B,), 999.0, device=dev)
+    ofs = torch.full((1,), 2.0, device=dev) if cfg.ofs_embed_dim else None
+    tt, hh, ww = ours.grid(lat_f, H, W)
+    rope = diffusers_rope(cfg, tt, hh, ww, dev) if cfg.use_rotary_positional_embeddings else None
+    positions = ours.positions(lat_f, H, W, dev)
+
+    def run_ref(backends=None):
+        def f():
+            if backends is None:
+                return ref(hidden_states=x, encoder_hidden_states=text, timestep=t, ofs=ofs,
+                           image_rotary_emb=rope, return_dict=False)[0]
+            with sdpa_kernel(backends):
+                return ref(hidden_states=x, encoder_hidden_states=text, timestep=t, ofs=ofs,
+                           image_rotary_emb=rope, return_dict=False)[0]
+        return f
+
+    def run_ours():
+        return ours(x, text, t, ofs=ofs, positions=positions)
+
+    n = (tt * hh * ww) + cfg.max_text_seq_length
+    flops = B * cfg.num_layers * (24 * n * cfg.dim**2 + 4 * n * n * cfg.dim)
+    rows = []
+    with torch.no_grad():
+        ref_out = run_ref([SDPBackend.CUDNN_ATTENTION])().float()
+        for name, fn in [("diffusers eager (SDPA default)", run_ref()),
+                         ("diffusers eager (SDPA cuDNN)", run_ref([SDPBackend.CUDNN_ATTENTION])),
+                         ("cogrt exact, eager (sdpa)", run_ours)]:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            ms = statistics.median(cuda_times(fn, args.warmup, args.iters))
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            out = fn().float()
+            rel = ((out - ref_out).norm() / ref_out.norm()).item()
+            rows.append(dict(name=name, ms=ms, tflops=flops / ms / 1e9, peak_gib=peak, rel_err=rel))
+            print(f"{name:34s} {ms:9.1f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  peak {peak:5.1f} GiB  rel err {rel:.2e}",
+                  flush=True)
+    base = rows[1]["ms"]
+    for r in rows:
+        r["speedup_vs_diffusers_cudnn"] = base / r["ms"]
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                diffusers=__import__("diffusers").__version__, commit=os.environ.get("COGRT_COMMIT", "?"),
+                preset=args.preset, batch=B, frames=args.frames, height=args.height, width=args.width,
+                tokens=n, weights="random (real shapes)", rows=rows)
+    print("\n| what | ms/step | TFLOP/s | peak GiB | rel err vs diffusers | speed-up vs diffusers cuDNN |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['ms']:.0f} | {r['tflops']:.0f} | {r['peak_gib']:.1f} | {r['rel_err']:.1e} | "
+              f"{r['speedup_vs_diffusers_cudnn']:.2f}x |")
+    print(json.dumps({k: v for k, v in meta.items() if k != "rows"}))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(meta, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

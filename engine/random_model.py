@@ -1,0 +1,89 @@
+"""Write a random-weight CogVideoX checkpoint in the real diffusers layout.
+
+Used by the tests (every variant, at tiny size), by `cogrt random-checkpoint`, and by `make demo` until a
+trained model is bundled. Weights are random, so the video is noise-like; the layout, configs and code
+paths are the real ones, and diffusers loads the result as it would a released checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .loader import from_engine_state_dict
+from .model import PRESETS, CogVideoXTransformer, ModelConfig
+
+PIPELINE_CLASS = {False: "CogVideoXPipeline", True: "CogVideoXImageToVideoPipeline"}
+
+
+def random_transformer(cfg: ModelConfig, seed: int = 0) -> CogVideoXTransformer:
+    """Default init, plus random norm affines and positions so that every tensor's mapping is exercised."""
+    torch.manual_seed(seed)
+    model = CogVideoXTransformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "pos_embedding":
+                p.normal_(0, 0.5)
+            elif p.dim() == 1 and ("ln" in name or "norm_q" in name or "norm_k" in name or "norm_final" in name):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def write_random_checkpoint(out: str | os.PathLike, preset: str | ModelConfig = "tiny-5b", seed: int = 0,
+                            vae_channels: int = 16, t5_layers: int = 1, scheduler: str | None = None) -> Path:
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+    from safetensors.torch import save_file
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    cfg = PRESETS[preset] if isinstance(preset, str) else preset
+    out = Path(out)
+    (out / "transformer").mkdir(parents=True, exist_ok=True)
+
+    # transformer: our module, exported to diffusers' names and shapes
+    model = random_transformer(cfg, seed)
+    sd = from_engine_state_dict(model.state_dict(), cfg)
+    save_file(sd, str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    conf = {"_class_name": "CogVideoXTransformer3DModel", **cfg.to_diffusers(),
+            "activation_fn": "gelu-approximate", "timestep_activation_fn": "silu", "dropout": 0.0,
+            "norm_elementwise_affine": True}
+    (out / "transformer" / "config.json").write_text(json.dumps(conf, indent=2))
+
+    torch.manual_seed(seed + 1)
+    c = vae_channels
+    small = cfg.dim < 1024
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(c, c, c, c) if small else (128, 256, 256, 512), latent_channels=cfg.out_channels,
+        layers_per_block=1 if small else 3, norm_num_groups=min(c, 32) if small else 32,
+        scaling_factor=1.15258426 if cfg.variant == "cogvideox-2b" else 0.7,
+        invert_scale_latents=cfg.patch_size_t is not None,
+        sample_height=cfg.sample_height * 8, sample_width=cfg.sample_width * 8)
+    vae.save_pretrained(out / "vae")
+
+    torch.manual_seed(seed + 2)
+    t5 = T5EncoderModel(T5Config(vocab_size=384, d_model=cfg.text_embed_dim, d_kv=16, d_ff=2 * cfg.text_embed_dim,
+                                 num_layers=t5_layers, num_heads=2, feed_forward_proj="gated-gelu",
+                                 is_encoder_decoder=False, use_cache=False))
+    t5.save_pretrained(out / "text_encoder")
+    ByT5Tokenizer().save_pretrained(out / "tokenizer")
+
+    two_b = cfg.variant == "cogvideox-2b"
+    sched_cls = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[
+        scheduler or ("ddim" if two_b or cfg.is_i2v else "dpm")]
+    sched_cls(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+              clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+              set_alpha_to_one=True, timestep_spacing="trailing",
+              snr_shift_scale=3.0 if two_b else 1.0).save_pretrained(out / "scheduler")
+
+    index = {"_class_name": PIPELINE_CLASS[cfg.is_i2v], "_diffusers_version": "0.42.1",
+             "scheduler": ["diffusers", sched_cls.__name__], "text_encoder": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "ByT5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+             "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def tiny_config(variant: str, **overrides) -> ModelConfig:
+    return replace(PRESETS[f"tiny-{variant}"], **overrides)
