@@ -53,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step of each")
     args = ap.parse_args(argv)
 
     from diffusers import CogVideoXTransformer3DModel
@@ -114,6 +115,14 @@ def main(argv=None):
             rows.append(dict(name=name, ms=ms, tflops=flops / ms / 1e9, peak_gib=peak, rel_err=rel))
             print(f"{name:34s} {ms:9.1f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  peak {peak:5.1f} GiB  rel err {rel:.2e}",
                   flush=True)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+            for name, fn in [("diffusers", run_ref([SDPBackend.CUDNN_ATTENTION])), ("cogrt", run_ours)]:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    fn()
+                    torch.cuda.synchronize()
+                print(f"--- {name}")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     base = rows[1]["ms"]
     for r in rows:
         r["speedup_vs_diffusers_cudnn"] = base / r["ms"]

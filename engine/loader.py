@@ -76,6 +76,17 @@ def weight_files(folder: Path, stem: str = "diffusion_pytorch_model") -> list[Pa
     raise CheckpointError(f"missing file: {single} (no *.safetensors in {folder})")
 
 
+def check_safetensors(files: list[Path]) -> None:
+    """Read each file's header (not its data), so that a corrupt file is named before anything loads."""
+    from safetensors import safe_open
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except Exception as e:
+            raise CheckpointError(f"corrupt or unreadable safetensors file {f}: {e}") from e
+
+
 def read_safetensors(files: list[Path], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     from safetensors import safe_open
     out: dict[str, torch.Tensor] = {}

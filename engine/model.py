@@ -104,7 +104,9 @@ _TINY = dict(num_heads=2, head_dim=16, num_layers=2, text_embed_dim=32, time_emb
              sample_height=8, sample_width=8, sample_frames=9)
 for _name, _cfg in list(PRESETS.items()):
     _extra = {"ofs_embed_dim": _TINY["time_embed_dim"]} if _cfg.ofs_embed_dim else {}  # added to the time embedding
-    PRESETS["tiny-" + _name.removeprefix("cogvideox").lstrip("-")] = replace(_cfg, **_TINY, **_extra)
+    if _cfg.patch_size_t:  # 1.5's RoPE slice grid bounds the size: keep the tiny one roomy, as the real one is
+        _extra.update(sample_height=32, sample_width=32)
+    PRESETS["tiny-" + _name.removeprefix("cogvideox").lstrip("-")] = replace(_cfg, **{**_TINY, **_extra})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,9 +186,10 @@ def _crop_region(h: int, w: int, th: int, tw: int):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x (B, H, S, d) by the tables (S, d); computed in fp32 like diffusers."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, S, d/2) each
+    xf = x.float()
+    x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, S, d/2) each
     rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)  # (B, H, S, d)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,10 +232,9 @@ class Block(nn.Module):
         B, N, D = h.shape
         q, k, v = self.qkv(h).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, d)
         q, k = self.norm_q(q), self.norm_k(k)
-        if rope is not None:  # rotate the video tokens only
-            cos, sin = rope
-            q = torch.cat([q[:, :, :n_text], apply_rope(q[:, :, n_text:], cos, sin)], dim=2)
-            k = torch.cat([k[:, :, :n_text], apply_rope(k[:, :, n_text:], cos, sin)], dim=2)
+        if rope is not None:  # rotate the video tokens only; in place, as q and k are fresh norm outputs
+            q[:, :, n_text:] = apply_rope(q[:, :, n_text:], *rope)
+            k[:, :, n_text:] = apply_rope(k[:, :, n_text:], *rope)
         o = attention.attend(q, k, v, self.attn_backend)  # (B, H, N, d)
         return self.out(o.transpose(1, 2).reshape(B, N, D))
 

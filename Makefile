@@ -1,0 +1,38 @@
+# `make demo` and `make test` do all set-up themselves: a .venv, torch (the CPU build where there is no
+# NVIDIA GPU, so a bare requirement cannot pull a multi-GB CUDA build), and this package with its test extras.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.cogrt-installed
+DEMO_MODEL ?= .cache/demo-model
+PROMPT  ?= a red circle moving right on a black background
+
+.PHONY: install test demo clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q --upgrade pip
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "no nvidia-smi: installing the CPU build of torch"; \
+		$(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q --timeout=900
+
+# Until the trained tiny model is bundled (models/cogrt-tiny), the demo runs a random-weight tiny model
+# built from the presets: the video is noise-like, but every stage of the real pipeline runs.
+demo: install
+	@if [ -d models/cogrt-tiny ]; then model=models/cogrt-tiny; else \
+		[ -d $(DEMO_MODEL) ] || $(VENV)/bin/cogrt random-checkpoint $(DEMO_MODEL) --preset tiny-5b; \
+		model=$(DEMO_MODEL); fi; \
+	$(VENV)/bin/cogrt generate "$(PROMPT)" --model $$model --frames 49 --height 128 --width 128 \
+		--steps 20 --seed 0 -o out/demo.mp4
+
+clean:
+	rm -rf $(VENV) .cache out

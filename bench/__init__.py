@@ -1,0 +1,1 @@
+"""Speed, memory and quality measurements; results go to bench/RESULTS.md."""

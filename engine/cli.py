@@ -1,0 +1,133 @@
+"""The `cogrt` command: generate, info, random-checkpoint."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "cogrt-tiny"
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _lora_arg(s: str) -> tuple[str, float]:
+    """PATH or PATH:WEIGHT (a Windows-style drive colon is left alone)."""
+    path, sep, w = s.rpartition(":")
+    if sep and path and not w.startswith(("\\", "/")):
+        try:
+            return path, float(w)
+        except ValueError:
+            pass
+    return s, 1.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cogrt", description="Fast CogVideoX text/image-to-video runtime")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate a video")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help=f"diffusers-format directory or hub id (default: {BUNDLED_MODEL})")
+    g.add_argument("--image", default=None, help="first frame, for image-to-video models")
+    g.add_argument("--frames", type=int, default=None, help="8N+1; default: the model's (49, or 81 for 1.5)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--guidance", type=float, default=6.0)
+    g.add_argument("--dynamic-cfg", action="store_true", help="diffusers' use_dynamic_cfg schedule")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--fps", type=int, default=None, help="default: the model's native fps (8, or 16 for 1.5)")
+    g.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="PATH[:WEIGHT]",
+                   help="a diffusers-format LoRA; repeat to stack. WEIGHT multiplies the file's alpha/r")
+    g.add_argument("--device", default=None)
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    g.add_argument("--attention", default="sdpa", help="attention backend")
+    g.add_argument("--offload", action="store_true", help="model CPU offload, for small GPUs")
+    g.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", default=None)
+    g.add_argument("--no-vae-tiling", dest="vae_tiling", action="store_false")
+    g.add_argument("-o", "--output", default="out.mp4")
+    g.add_argument("--frames-npy", default=None, help="also write the uint8 frames (F, H, W, 3) as .npy")
+
+    i = sub.add_parser("info", help="describe a checkpoint without loading its weights")
+    i.add_argument("model")
+
+    r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint in the diffusers layout")
+    r.add_argument("out")
+    r.add_argument("--preset", default="tiny-5b")
+    r.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def cmd_generate(a) -> int:
+    import torch
+
+    from .pipeline import load_pipeline
+    from .request import GenerationRequest
+    from .video import write_mp4, write_npy
+
+    model = a.model or BUNDLED_MODEL
+    if a.model is None and not BUNDLED_MODEL.is_dir():
+        raise FileNotFoundError(f"no --model given and the bundled model is missing at {BUNDLED_MODEL}; "
+                                f"pass --model DIR (or make one with `cogrt random-checkpoint DIR`)")
+    pipe = load_pipeline(model, device=a.device, dtype=getattr(torch, DTYPES[a.dtype]) if a.dtype else None,
+                         offload=a.offload, attention=a.attention, vae_tiling=a.vae_tiling)
+    req = GenerationRequest(prompt=a.prompt, negative_prompt=a.negative, image=a.image, num_frames=a.frames,
+                            height=a.height, width=a.width, num_inference_steps=a.steps, guidance_scale=a.guidance,
+                            use_dynamic_cfg=a.dynamic_cfg, seed=a.seed, loras=tuple(a.lora))
+    res = pipe.run(req, progress=True)
+    out = write_mp4(res.frames, a.output, a.fps or res.fps)
+    if a.frames_npy:
+        write_npy(res.frames, a.frames_npy)
+    t = res.timings
+    print(f"wrote {out} ({res.frames.shape[0]} frames, {res.frames.shape[2]}x{res.frames.shape[1]}, "
+          f"seed {res.seed}) text {t['text']:.2f}s denoise {t['denoise']:.2f}s decode {t['decode']:.2f}s "
+          f"total {t['total']:.2f}s")
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .loader import inspect_checkpoint
+    rep = inspect_checkpoint(a.model)
+    print(f"checkpoint: {rep['path']}")
+    print(f"variant:    {rep.get('variant', 'unknown')}")
+    cfg = rep.get("config")
+    if cfg is not None:
+        print(f"transformer: {cfg.num_layers} layers, {cfg.num_heads} heads x {cfg.head_dim}, "
+              f"in_channels {cfg.in_channels}, native fps {cfg.fps}")
+    for comp, info in rep["components"].items():
+        if "parameters" in info:
+            print(f"  {comp:13s} {info['parameters'] / 1e6:10.2f} M params  dtypes {', '.join(info['dtypes'])}")
+        elif info:
+            print(f"  {comp:13s} {info}")
+    if rep["missing"]:
+        print("missing or broken:")
+        for m in rep["missing"]:
+            print(f"  - {m}")
+        return 1
+    print("complete: nothing missing")
+    return 0
+
+
+def cmd_random(a) -> int:
+    from .random_model import write_random_checkpoint
+    out = write_random_checkpoint(a.out, a.preset, a.seed)
+    print(f"wrote a random-weight {a.preset} checkpoint to {out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from .loader import CheckpointError
+    from .pipeline import OutOfMemory
+
+    a = _parser().parse_args(argv)
+    warnings.simplefilter("default", UserWarning)
+    try:
+        return {"generate": cmd_generate, "info": cmd_info, "random-checkpoint": cmd_random}[a.cmd](a)
+    except (CheckpointError, OutOfMemory, FileNotFoundError, ValueError, TypeError) as e:
+        print(f"cogrt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Request → video: text encode → denoise loop (CFG, scheduler) → VAE decode.
+
+Numerics follow diffusers' `CogVideoXPipeline` / `CogVideoXImageToVideoPipeline` step for step (the same
+noise from a CPU generator, the same scheduler calls, the same frame padding), so a request gives the same
+video in both. The transformer is ours; VAE, T5 and the schedulers are the libraries'.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import loader
+from .lora import FusedLoras, read_lora
+from .model import CogVideoXTransformer, ModelConfig
+from .request import GenerationRequest, GenerationResult
+
+# The untiled decode of 49 x 480 x 720 peaked at 15.4 GB in bf16 on the H100 (ANCHORS.md); scale from there.
+_DECODE_BYTES_PER_PIXEL_FRAME = 15.4e9 / (49 * 480 * 720) / 2
+
+
+class OutOfMemory(RuntimeError):
+    pass
+
+
+class Pipeline:
+    def __init__(self, transformer: CogVideoXTransformer, vae, text_encoder, tokenizer, scheduler_config: dict,
+                 device: torch.device, dtype: torch.dtype, offload: bool = False, vae_tiling: bool | None = None):
+        from diffusers.video_processor import VideoProcessor
+        self.transformer, self.vae, self.text_encoder, self.tokenizer = transformer, vae, text_encoder, tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.device, self.dtype, self.offload, self.vae_tiling = device, dtype, offload, vae_tiling
+        self.video_processor = VideoProcessor(vae_scale_factor=8)
+        self._lock = threading.Lock()  # one request at a time: LoRA fusing edits the shared weights
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.transformer.cfg
+
+    # ------------------------------------------------------------------------------------------------
+    def generate(self, prompt: str, progress: bool = False, **kw) -> GenerationResult:
+        """diffusers-style call: generate("a cat", num_frames=49, seed=0, loras=[("x.safetensors", 1.0)])."""
+        return self.run(GenerationRequest(prompt=prompt, **kw), progress=progress)
+
+    def run(self, req: GenerationRequest, progress: bool = False) -> GenerationResult:
+        req.check_for(self.cfg)
+        loras = [(read_lora(p), w) for p, w in req.loras]  # read and checked before the lock is taken
+        with self._lock:
+            try:
+                return self._run(req, loras, progress)
+            except torch.OutOfMemoryError as e:
+                torch.cuda.empty_cache()
+                raise OutOfMemory(
+                    f"out of GPU memory generating {req.num_frames}x{req.height}x{req.width}: {e}. Try VAE tiling "
+                    f"(--vae-tiling), model CPU offload (--offload), or fewer frames / a smaller size.") from e
+
+    def _run(self, req, loras, progress) -> GenerationResult:
+        times, t0 = {}, time.perf_counter()
+        gen = torch.Generator("cpu").manual_seed(req.seed)
+        cfg_on = req.guidance_scale > 1.0
+
+        with self._on_device(self.text_encoder):
+            text = self.encode_text([req.negative_prompt, req.prompt] if cfg_on else [req.prompt])
+        times["text"] = self._lap(t0)
+
+        t1 = time.perf_counter()
+        with self._on_device(self.transformer), FusedLoras(self.transformer, loras):
+            latents, extra = self.denoise(req, text, gen, progress)
+        times["denoise"] = self._lap(t1)
+
+        t2 = time.perf_counter()
+        with self._on_device(self.vae):
+            frames = self.decode(latents[:, extra:], req)
+        times["decode"] = self._lap(t2)
+        times["total"] = time.perf_counter() - t0
+        steps = list(range(req.num_inference_steps))
+        return GenerationResult(frames=frames, latents=latents[:, extra:], seed=req.seed, fps=self.cfg.fps,
+                                timings=times, steps_computed=steps)
+
+    def _lap(self, since: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - since
+
+    @contextlib.contextmanager
+    def _on_device(self, module):
+        """With model CPU offload, a component visits the GPU only for its own stage."""
+        if not self.offload:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------------------------------------
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        n = self.cfg.max_text_seq_length
+        ids = self.tokenizer(prompts, padding="max_length", max_length=n, truncation=True,
+                             add_special_tokens=True, return_tensors="pt").input_ids
+        full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] > n:
+            warnings.warn(f"prompt is longer than {n} tokens and was cut to fit the text encoder: "
+                          f"{self.tokenizer.batch_decode(full[:, n - 1:-1])}", stacklevel=3)
+        dev = next(self.text_encoder.parameters()).device
+        with torch.no_grad():
+            emb = self.text_encoder(ids.to(dev))[0]
+        return emb.to(self.device, self.dtype)  # (B, n, text_dim)
+
+    def image_latents(self, req: GenerationRequest, latent_frames: int, gen: torch.Generator) -> torch.Tensor:
+        """The first frame encoded by the VAE, then zero frames: (1, latent_frames, C, h, w)."""
+        image = load_image(req.image)
+        x = self.video_processor.preprocess(image, height=req.height, width=req.width)
+        vae_dev = next(self.vae.parameters()).device
+        x = x.to(vae_dev, self.vae.dtype).unsqueeze(2)  # (1, 3, 1, H, W)
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.sample(generator=gen)  # (1, C, 1, h, w)
+        z = z.to(self.device, self.dtype).permute(0, 2, 1, 3, 4)  # (1, 1, C, h, w)
+        s = self.vae.config.scaling_factor
+        z = z / s if self.vae.config.invert_scale_latents else z * s
+        pad = torch.zeros(1, latent_frames - 1, *z.shape[2:], device=self.device, dtype=self.dtype)
+        return torch.cat([z, pad], dim=1)
+
+    def denoise(self, req: GenerationRequest, text: torch.Tensor, gen: torch.Generator, progress: bool):
+        """Returns the final latents and how many leading latent frames are padding (1.5's temporal patch)."""
+        import diffusers
+        from diffusers.utils.torch_utils import randn_tensor
+        cfg, dev = self.cfg, self.device
+        sched = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
+        sched.set_timesteps(req.num_inference_steps, device=dev)
+        timesteps = sched.timesteps
+        steps = len(timesteps)
+
+        frames = req.latent_frames
+        extra = (-frames) % cfg.patch_size_t if cfg.patch_size_t else 0  # 1.5 pads to a multiple of patch_size_t
+        frames += extra
+        h, w = req.height // 8, req.width // 8
+        image = self.image_latents(req, frames, gen) if cfg.is_i2v else None
+        latents = randn_tensor((1, frames, cfg.out_channels, h, w), generator=gen, device=dev, dtype=self.dtype)
+        latents = latents * sched.init_noise_sigma
+
+        cfg_on = req.guidance_scale > 1.0
+        # guidance per step, computed up front so that the loop needs no host sync for it
+        ts = timesteps.tolist()
+        if req.use_dynamic_cfg:
+            scales = [1 + req.guidance_scale * (1 - math.cos(math.pi * ((steps - t) / steps) ** 5.0)) / 2 for t in ts]
+        else:
+            scales = [req.guidance_scale] * steps
+        positions = self.transformer.positions(frames, h, w, dev)
+        ofs = torch.full((1,), 2.0, device=dev, dtype=self.dtype) if cfg.ofs_embed_dim else None
+        is_dpm = type(sched).__name__ == "CogVideoXDPMScheduler"
+        old_x0 = None
+        if image is not None and cfg_on:
+            image = torch.cat([image, image])
+        with torch.no_grad():
+            for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", unit="step")):
+                x = torch.cat([latents, latents]) if cfg_on else latents
+                x = sched.scale_model_input(x, t)
+                if image is not None:
+                    x = torch.cat([x, image], dim=2)
+                v = self.transformer(x, text, t.expand(x.shape[0]), ofs=ofs, positions=positions).float()
+                if cfg_on:
+                    v_uncond, v_text = v.chunk(2)
+                    v = v_uncond + scales[i] * (v_text - v_uncond)
+                if is_dpm:
+                    prev = timesteps[i - 1] if i > 0 else None
+                    latents, old_x0 = sched.step(v, old_x0, t, prev, latents, eta=0.0, generator=gen,
+                                                 return_dict=False)
+                else:
+                    latents = sched.step(v, t, latents, eta=0.0, generator=gen, return_dict=False)[0]
+                latents = latents.to(self.dtype)
+        return latents, extra
+
+    def decode(self, latents: torch.Tensor, req: GenerationRequest) -> np.ndarray:
+        self._configure_vae(req)
+        vae_dev = next(self.vae.parameters()).device
+        z = latents.permute(0, 2, 1, 3, 4).to(vae_dev, self.vae.dtype) / self.vae.config.scaling_factor  # (1, C, F, h, w)
+        with torch.no_grad():
+            video = self.vae.decode(z).sample
+        video = self.video_processor.postprocess_video(video=video, output_type="np")[0]  # (F, H, W, 3) in [0, 1]
+        return (video * 255).round().astype(np.uint8)
+
+    def _configure_vae(self, req: GenerationRequest) -> None:
+        tiling = self.vae_tiling
+        if tiling is None:  # auto: tile when the untiled decode would not fit in what is free
+            need = _DECODE_BYTES_PER_PIXEL_FRAME * req.num_frames * req.height * req.width * self.vae.dtype.itemsize
+            tiling = need > 0.8 * free_memory(self.device)
+        if tiling:
+            self.vae.enable_tiling()
+        else:
+            self.vae.disable_tiling()
+        self.vae.enable_slicing()
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import os
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 40
+
+
+def load_image(image):
+    from PIL import Image
+    if isinstance(image, (str, Path)):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image not found: {image}")
+        return Image.open(image).convert("RGB")
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image.astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None, offload: bool = False,
+                  attention: str = "sdpa", vae_tiling: bool | None = None) -> Pipeline:
+    """Load a diffusers-format CogVideoX directory (or hub id) into a ready pipeline.
+
+    device defaults to CUDA where present, else CPU; dtype to bf16 on CUDA and fp32 on the CPU.
+    """
+    from diffusers import AutoencoderKLCogVideoX
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    root = loader.resolve(path_or_hub_id)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    loader.read_json(root / "model_index.json")
+    for comp, stem in (("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        loader.read_json(root / comp / "config.json")
+        loader.check_safetensors(loader.weight_files(root / comp, stem))
+    sched_cfg = loader.read_json(root / "scheduler" / "scheduler_config.json")
+    if not (root / "tokenizer").is_dir():
+        raise loader.CheckpointError(f"missing folder: {root / 'tokenizer'}")
+
+    home = torch.device("cpu") if offload else device
+    transformer = loader.load_transformer(root / "transformer", home, dtype)
+    transformer.set_attention_backend(attention)
+    try:
+        vae = AutoencoderKLCogVideoX.from_pretrained(root / "vae", torch_dtype=dtype).to(home).eval()
+        text_encoder = T5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(home).eval()
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    except (OSError, ValueError) as e:
+        raise loader.CheckpointError(f"could not load a component of {root}: {e}") from e
+    return Pipeline(transformer, vae, text_encoder, tokenizer, sched_cfg, device, dtype, offload, vae_tiling)

@@ -1,0 +1,56 @@
+"""Writing frames to mp4 (H.264 through PyAV) and .npy, never leaving a half-written file behind."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _atomic(path: str | os.PathLike, write) -> Path:
+    """Write to a temporary file beside `path`, then rename it into place only once it is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:
+    """frames: uint8 (F, H, W, 3). Odd sizes are padded by one pixel, as yuv420p needs even ones."""
+    import av
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames of shape (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    h, w = frames.shape[1:3]
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+    def write(tmp):
+        with av.open(tmp, mode="w", format="mp4") as out:
+            stream = out.add_stream("libx264", rate=fps)
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": "18"}
+            for f in frames:
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+            out.mux(stream.encode(None))
+    return _atomic(path, write)
+
+
+def write_npy(frames: np.ndarray, path: str | os.PathLike) -> Path:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, frames)
+    return _atomic(path, write)
+
+
+def read_mp4(path: str | os.PathLike) -> np.ndarray:
+    import av
+    with av.open(str(path)) as f:
+        return np.stack([fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)])

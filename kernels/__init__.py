@@ -1,0 +1,1 @@
+"""Triton kernels, each with a native PyTorch reference beside it (see the kernels issue)."""

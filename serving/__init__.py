@@ -1,0 +1,1 @@
+"""Ray Serve application over the engine (see the serving issue)."""
