@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random checkpoints of every CogVideoX variant, written once per session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.random_model import tiny_config, write_random_checkpoint
+
+VARIANTS = ("2b", "5b", "5b-i2v", "1.5-5b", "1.5-5b-i2v")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint("5b") -> Path of a tiny-5b checkpoint in the diffusers layout (written once per session)."""
+    cache = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            d = tmp_path_factory.mktemp(f"ckpt-{variant}")
+            cache[variant] = write_random_checkpoint(d, f"tiny-{variant}")
+        return cache[variant]
+    return get
+
+
+@pytest.fixture(scope="session")
+def custom_checkpoint(tmp_path_factory):
+    """custom_checkpoint("5b", num_layers=3) -> Path of a checkpoint of tiny_config(variant, **overrides)."""
+    cache = {}
+
+    def get(variant: str, **overrides):
+        key = (variant, tuple(sorted(overrides.items())))
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"ckpt-{variant}-custom")
+            cache[key] = write_random_checkpoint(d, tiny_config(variant, **overrides), seed=7)
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def pipeline(checkpoint):
+    """pipeline("5b") -> an fp32 CPU engine.Pipeline, loaded once per session. Tests must not change it."""
+    import engine
+    cache = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            cache[variant] = engine.load_pipeline(checkpoint(variant), device="cpu", dtype=torch.float32)
+        return cache[variant]
+    return get
+
+
+def random_image(height: int, width: int, seed: int = 0):
+    """A random uint8 RGB image (H, W, 3)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy()
