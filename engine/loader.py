@@ -31,7 +31,9 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
     if p.is_dir():
         return p
     s = str(path_or_hub_id)
-    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", s) is not None and not s.startswith(".")
+    # "org/name" whose "org" is not a local folder; "models/x" beside an existing models/ is a missing path
+    looks_like_hub_id = (re.fullmatch(r"[\w.-]+/[\w.-]+", s) is not None and not s.startswith(".")
+                         and not p.parent.is_dir())
     if not looks_like_hub_id:
         raise CheckpointError(f"checkpoint directory not found: {p}")
     try:

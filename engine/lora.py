@@ -98,8 +98,8 @@ class FusedLoras:
         with torch.no_grad():
             for name, target, rows, a, b, s in plan:
                 w = target.weight
-                if name not in self.saved:
-                    self.saved[name] = w.detach().clone()
+                if name not in self.saved:  # kept in host memory: a 5B attention LoRA touches ~3 GB of weights
+                    self.saved[name] = w.detach().to("cpu", copy=True)
                 delta = b.to(w.device, torch.float32) @ a.to(w.device, torch.float32)
                 w[rows] = (w[rows].float() + s * delta).to(w.dtype)
 

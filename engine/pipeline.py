@@ -242,6 +242,10 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
         loader.read_json(root / comp / "config.json")
         loader.check_safetensors(loader.weight_files(root / comp, stem))
     sched_cfg = loader.read_json(root / "scheduler" / "scheduler_config.json")
+    import diffusers
+    if not hasattr(diffusers, str(sched_cfg.get("_class_name"))):
+        raise loader.CheckpointError(f"{root / 'scheduler' / 'scheduler_config.json'} names an unknown scheduler "
+                                     f"class {sched_cfg.get('_class_name')!r}")
     if not (root / "tokenizer").is_dir():
         raise loader.CheckpointError(f"missing folder: {root / 'tokenizer'}")
 

@@ -62,3 +62,19 @@ def random_image(height: int, width: int, seed: int = 0):
     """A random uint8 RGB image (H, W, 3)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy()
+
+
+def diffusers_rope(config, latent_frames: int, h: int, w: int, device=None):
+    """CogVideoXPipeline._prepare_rotary_positional_embeddings, in latent units, from diffusers' own functions."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+    p, pt = config.patch_size, config.patch_size_t
+    grid_h, grid_w = h // p, w // p
+    base_h, base_w = config.sample_height // p, config.sample_width // p
+    if pt is None:
+        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+        return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=crops,
+                                       grid_size=(grid_h, grid_w), temporal_size=latent_frames, device=device)
+    return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=None,
+                                   grid_size=(grid_h, grid_w), temporal_size=latent_frames // pt,
+                                   grid_type="slice", max_size=(base_h, base_w), device=device)

@@ -4,27 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
-from diffusers.models.embeddings import get_3d_rotary_pos_embed, get_3d_sincos_pos_embed
-from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+from diffusers.models.embeddings import get_3d_sincos_pos_embed
 
-from conftest import VARIANTS
+from conftest import VARIANTS, diffusers_rope
 from engine.loader import load_transformer
 from engine.model import rope_3d, sincos_3d
 from engine.random_model import tiny_config
-
-
-def diffusers_rope(config, latent_frames: int, h: int, w: int):
-    """CogVideoXPipeline._prepare_rotary_positional_embeddings, in latent units, from diffusers' own functions."""
-    p, pt = config.patch_size, config.patch_size_t
-    grid_h, grid_w = h // p, w // p
-    base_h, base_w = config.sample_height // p, config.sample_width // p
-    if pt is None:
-        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
-        return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=crops,
-                                       grid_size=(grid_h, grid_w), temporal_size=latent_frames)
-    return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=None,
-                                   grid_size=(grid_h, grid_w), temporal_size=latent_frames // pt,
-                                   grid_type="slice", max_size=(base_h, base_w))
 
 
 def run_both(ckpt, frames: int, h: int, w: int, batch: int = 2, seed: int = 0):

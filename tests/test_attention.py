@@ -1,0 +1,64 @@
+"""Attention backends agree with plain math attention, alone and inside the model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine
+from engine import attention
+from engine.loader import load_transformer
+
+BACKENDS = attention.available()
+
+
+def test_registry_has_the_reference_backends():
+    assert {"sdpa", "sdpa-math"} <= set(BACKENDS)
+    assert BACKENDS == sorted(BACKENDS)
+
+
+def reference(q, k, v):
+    w = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5, dim=-1)
+    return (w @ v.double()).float()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 3, 263, 16), (1, 3, 1, 16), (2, 2, 37, 64)])
+def test_backend_matches_math(name, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    q, k, v = (torch.randn(*shape, generator=g) * 2 for _ in range(3))
+    want = attention.attend(q, k, v, "sdpa-math")
+    got = attention.attend(q, k, v, name)
+    assert got.shape == shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(want, reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_model_with_backend_matches_sdpa(checkpoint, name):
+    model = load_transformer(checkpoint("5b") / "transformer")
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, cfg.in_channels, 6, 10, generator=g)
+    text = torch.randn(1, 226, cfg.text_embed_dim, generator=g)
+    t = torch.tensor([613.0])
+    with torch.no_grad():
+        want = model(x, text, t)
+        model.set_attention_backend(name)
+        assert all(b.attn_backend == name for b in model.blocks)
+        got = model(x, text, t)
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5 * want.abs().max().item(), err
+
+
+def test_unknown_backend(checkpoint):
+    model = load_transformer(checkpoint("5b") / "transformer")
+    with pytest.raises(ValueError, match="no-such-backend") as e:
+        model.set_attention_backend("no-such-backend")
+    for name in BACKENDS:
+        assert name in str(e.value)
+    assert all(b.attn_backend == "sdpa" for b in model.blocks)  # unchanged
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="available"):
+        attention.attend(q, q, q, "no-such-backend")
+    with pytest.raises(ValueError, match="sdpa-math"):
+        engine.load_pipeline(checkpoint("5b"), device="cpu", attention="no-such-backend")
