@@ -1,4 +1,4 @@
-"""The `cogrt` command: generate, info, random-checkpoint."""
+"""The `cogrt` command: generate, info, random-checkpoint, and (from train/) precompute and train."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("out")
     r.add_argument("--preset", default="tiny-5b")
     r.add_argument("--seed", type=int, default=0)
+
+    # The command line is the one place that spans layers: training commands come from train/.
+    from train.cli import add_train_parser
+    add_train_parser(sub)
     return ap
 
 
@@ -123,7 +127,10 @@ def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     warnings.simplefilter("default", UserWarning)
     try:
-        return {"generate": cmd_generate, "info": cmd_info, "random-checkpoint": cmd_random}[a.cmd](a)
+        from train.cli import cmd_precompute, cmd_train
+        cmds = {"generate": cmd_generate, "info": cmd_info, "random-checkpoint": cmd_random, "train": cmd_train,
+                "precompute": cmd_precompute}
+        return cmds[a.cmd](a)
     except (CheckpointError, OutOfMemory, FileNotFoundError, ValueError, TypeError) as e:
         print(f"cogrt: error: {e}", file=sys.stderr)
         return 2

@@ -248,6 +248,20 @@ def build_transformer(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype=None,
     return model.eval().requires_grad_(False)
 
 
+def save_transformer(folder: str | os.PathLike, model: CogVideoXTransformer) -> Path:
+    """Write our transformer as a diffusers `transformer/` folder (config.json + safetensors)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    sd = from_engine_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
+    save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
+    conf = {"_class_name": "CogVideoXTransformer3DModel", **cfg.to_diffusers(), "activation_fn": "gelu-approximate",
+            "timestep_activation_fn": "silu", "dropout": 0.0, "norm_elementwise_affine": True}
+    (folder / "config.json").write_text(json.dumps(conf, indent=2))
+    return folder
+
+
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
     """What `cogrt info` prints: variant, parameter counts and dtypes per component, and what is missing.
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import attention
 
@@ -268,6 +269,7 @@ class CogVideoXTransformer(nn.Module):
         self.norm_out = nn.Linear(cfg.time_embed_dim, 2 * d)  # shift, scale
         self.norm_out_ln = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.proj_out = nn.Linear(d, cfg.out_channels * pt * cfg.patch_size**2)
+        self.gradient_checkpointing = False  # training: recompute each block's activations in backward
 
     def set_attention_backend(self, name: str) -> None:
         attention.get_backend(name)  # fail now, not mid-request
@@ -341,7 +343,10 @@ class CogVideoXTransformer(nn.Module):
             c, v = c + pos[:, :n_text], v + pos[:, self.cfg.max_text_seq_length:]
         # 3. Blocks
         for block in self.blocks:
-            v, c = block(v, c, temb, rope)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                v, c = checkpoint(block, v, c, temb, rope, use_reentrant=False)
+            else:
+                v, c = block(v, c, temb, rope)
         # 4. Final norm and adaLN
         shift, scale = self.norm_out(temb).unsqueeze(1).chunk(2, dim=-1)
         v = self.norm_out_ln(self.norm_final(v)) * (1 + scale) + shift

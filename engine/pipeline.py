@@ -226,10 +226,12 @@ def load_image(image):
 # ----------------------------------------------------------------------------------------------------
 
 def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None, offload: bool = False,
-                  attention: str = "sdpa", vae_tiling: bool | None = None) -> Pipeline:
+                  attention: str = "sdpa", vae_tiling: bool | None = None,
+                  transformer: CogVideoXTransformer | None = None) -> Pipeline:
     """Load a diffusers-format CogVideoX directory (or hub id) into a ready pipeline.
 
     device defaults to CUDA where present, else CPU; dtype to bf16 on CUDA and fp32 on the CPU.
+    `transformer` replaces the checkpoint's own (the trainer validates its model this way).
     """
     from diffusers import AutoencoderKLCogVideoX
     from transformers import AutoTokenizer, T5EncoderModel
@@ -250,7 +252,8 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
         raise loader.CheckpointError(f"missing folder: {root / 'tokenizer'}")
 
     home = torch.device("cpu") if offload else device
-    transformer = loader.load_transformer(root / "transformer", home, dtype)
+    if transformer is None:
+        transformer = loader.load_transformer(root / "transformer", home, dtype)
     transformer.set_attention_backend(attention)
     try:
         vae = AutoencoderKLCogVideoX.from_pretrained(root / "vae", torch_dtype=dtype).to(home).eval()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .loader import from_engine_state_dict
+from .loader import save_transformer
 from .model import PRESETS, CogVideoXTransformer, ModelConfig
 
 PIPELINE_CLASS = {False: "CogVideoXPipeline", True: "CogVideoXImageToVideoPipeline"}
@@ -35,21 +35,12 @@ def random_transformer(cfg: ModelConfig, seed: int = 0) -> CogVideoXTransformer:
 def write_random_checkpoint(out: str | os.PathLike, preset: str | ModelConfig = "tiny-5b", seed: int = 0,
                             vae_channels: int = 16, t5_layers: int = 1, scheduler: str | None = None) -> Path:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler
-    from safetensors.torch import save_file
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     out = Path(out)
-    (out / "transformer").mkdir(parents=True, exist_ok=True)
 
-    # transformer: our module, exported to diffusers' names and shapes
-    model = random_transformer(cfg, seed)
-    sd = from_engine_state_dict(model.state_dict(), cfg)
-    save_file(sd, str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
-    conf = {"_class_name": "CogVideoXTransformer3DModel", **cfg.to_diffusers(),
-            "activation_fn": "gelu-approximate", "timestep_activation_fn": "silu", "dropout": 0.0,
-            "norm_elementwise_affine": True}
-    (out / "transformer" / "config.json").write_text(json.dumps(conf, indent=2))
+    save_transformer(out / "transformer", random_transformer(cfg, seed))
 
     torch.manual_seed(seed + 1)
     c = vae_channels

@@ -1,0 +1,72 @@
+"""`cogrt train` and `cogrt precompute`: argument parsing over train.loop and train.precompute."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from .lora import ATTENTION
+from .loop import TrainConfig, train
+
+
+def add_train_parser(sub) -> None:
+    t = sub.add_parser("train", help="LoRA or full fine-tuning on precomputed latents (torchrun for several GPUs)")
+    t.add_argument("--model", required=True, help="base checkpoint directory (diffusers layout)")
+    t.add_argument("--data", required=True, help="a folder written by `cogrt precompute`")
+    t.add_argument("--out", required=True)
+    t.add_argument("--method", choices=["lora", "full"], default="lora")
+    t.add_argument("--from-scratch", action="store_true", help="full training of a freshly initialised model")
+    t.add_argument("--rank", type=int, default=64)
+    t.add_argument("--alpha", type=float, default=None, help="default: the rank (scale 1)")
+    t.add_argument("--targets", default=",".join(ATTENTION), help="diffusers module names, comma-separated")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch-size", type=int, default=1)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--warmup", type=int, default=0)
+    t.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    t.add_argument("--mixed-precision", choices=["bf16", "no"], default="bf16")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--caption-dropout", type=float, default=0.0)
+    t.add_argument("--checkpoint-every", type=int, default=500)
+    t.add_argument("--validate-every", type=int, default=0)
+    t.add_argument("--validation-prompt", action="append", default=[])
+    t.add_argument("--validation-image", action="append", default=[])
+    t.add_argument("--validation-args", default=None, help='JSON, e.g. {"num_frames": 9, "height": 64}')
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--device", default=None)
+
+    p = sub.add_parser("precompute", help="cache VAE latents and T5 embeddings of a video dataset")
+    p.add_argument("--data", required=True, help="folder (prompts.txt + videos.txt) or a .csv / .jsonl file")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--buckets", required=True, help="FRAMESxHEIGHTxWIDTH[,...], e.g. 49x480x720")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_train(a) -> int:
+    tc = TrainConfig(model=a.model, data=a.data, out=a.out, method=a.method, from_scratch=a.from_scratch,
+                     rank=a.rank, alpha=a.alpha if a.alpha is not None else float(a.rank),
+                     targets=tuple(x for x in a.targets.split(",") if x), steps=a.steps, batch_size=a.batch_size,
+                     lr=a.lr, weight_decay=a.weight_decay, warmup=a.warmup, optimizer=a.optimizer,
+                     mixed_precision=a.mixed_precision, gradient_checkpointing=a.gradient_checkpointing,
+                     caption_dropout=a.caption_dropout, checkpoint_every=a.checkpoint_every,
+                     validate_every=a.validate_every, validation_prompts=tuple(a.validation_prompt),
+                     validation_images=tuple(a.validation_image), log_every=a.log_every, seed=a.seed,
+                     resume=not a.no_resume, device=a.device)
+    if a.validation_args:
+        tc.validation_args.update(json.loads(a.validation_args))
+    res = train(tc)
+    if res["export"]:
+        print(f"exported {res['export']} after {res['steps']} steps")
+    return 0
+
+
+def cmd_precompute(a) -> int:
+    from .precompute import main
+    argv = ["--data", a.data, "--model", a.model, "--out", a.out, "--buckets", a.buckets, "--seed", str(a.seed)]
+    if a.device:
+        argv += ["--device", a.device]
+    return main(argv) or 0

@@ -1,0 +1,274 @@
+"""The training loop: LoRA or full fine-tuning (or training from scratch) on precomputed latents.
+
+Single process, or several under `torchrun` (DDP for LoRA, FSDP2 for full training). Checkpoints hold the
+trainable weights, the optimizer, every RNG and the data position, so a killed run resumes losing at most
+the steps since its last checkpoint. Validation videos come from the engine's own pipeline, with the LoRA
+applied exactly as serving applies it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine import loader
+from engine.model import CogVideoXTransformer, ModelConfig
+
+from . import checkpoint as ckpt
+from .lora import ATTENTION, add_lora, base_state_dict, save_lora
+from .objective import Batch, LatentScale, model_inputs, v_loss
+
+
+@dataclass
+class TrainConfig:
+    model: str  # base checkpoint directory (diffusers layout): its scheduler, VAE scale and, unless from scratch, weights
+    data: str  # a precomputed latent folder (train.precompute)
+    out: str
+    method: str = "lora"  # lora | full
+    from_scratch: bool = False  # full training of a freshly initialised transformer with `model`'s config
+    rank: int = 64
+    alpha: float = 64.0
+    targets: tuple[str, ...] = ATTENTION
+    steps: int = 1000
+    batch_size: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup: int = 0
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"  # adamw | adamw8bit (torchao, CUDA)
+    mixed_precision: str = "bf16"  # bf16 | no; bf16 autocast applies on CUDA only
+    gradient_checkpointing: bool = False
+    caption_dropout: float = 0.0  # replace the prompt by "" so classifier-free guidance has an unconditional model
+    image_dropout: float = 0.05
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    validate_every: int = 0
+    validation_prompts: tuple[str, ...] = ()
+    validation_images: tuple[str, ...] = ()
+    validation_args: dict = field(default_factory=lambda: dict(num_frames=9, height=64, width=64,
+                                                                num_inference_steps=20, seed=0))
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = True
+    device: str | None = None
+
+
+def _setup_distributed():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _scratch_model(cfg: ModelConfig, device) -> CogVideoXTransformer:
+    """DiT-style init for training from scratch: adaLN-zero, so every block starts as the identity."""
+    with torch.device(device):
+        model = CogVideoXTransformer(cfg)
+    with torch.no_grad():
+        for b in model.blocks:
+            for lin in (b.norm1, b.norm2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        model.proj_out.weight.zero_()
+        model.proj_out.bias.zero_()
+    return model
+
+
+def _collate(items: list[dict]) -> dict:
+    """Stack one bucket's samples; every tensor field has the same shape within a bucket."""
+    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else items[0][k]
+            for k in items[0]}
+
+
+def _batches(dataset, sampler, device):
+    """Batches forever, epoch after epoch; the sampler's state is the data position a checkpoint keeps."""
+    while True:
+        for idx in sampler:
+            batch = _collate([dataset[i] for i in idx])
+            yield {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        sampler.set_epoch(sampler.epoch + 1)
+
+
+def train(tc: TrainConfig) -> dict:
+    from .precompute import BucketBatchSampler, LatentDataset
+    rank, world = _setup_distributed()
+    dev = torch.device(tc.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
+                                     else "cpu"))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    torch.manual_seed(tc.seed)  # the same on every rank: LoRA and scratch inits must agree across ranks
+    out = Path(tc.out)
+    root = loader.resolve(tc.model)
+    data = Path(tc.data)
+    summary = loader.read_json(data / "summary.json")
+    scale = LatentScale(summary["vae_scaling_factor"], summary.get("invert_scale_latents", False))
+
+    # the model: trainable weights in fp32; a LoRA's frozen base in bf16 on the GPU
+    if tc.from_scratch:
+        model = _scratch_model(loader.load_config(root / "transformer"), dev)
+    else:
+        base_dtype = torch.bfloat16 if tc.method == "lora" and dev.type == "cuda" else torch.float32
+        model = loader.load_transformer(root / "transformer", dev, base_dtype)
+    cfg = model.cfg
+    if cfg.is_i2v != bool(summary.get("is_i2v", False)):
+        raise ValueError(f"{data} was precomputed for a {'I2V' if summary.get('is_i2v') else 'T2V'} model, "
+                         f"but {root} is {cfg.variant}")
+    if tc.method == "lora":
+        add_lora(model, tc.rank, tc.alpha, tc.targets)
+    elif tc.method == "full":
+        model.requires_grad_(True)
+    else:
+        raise ValueError(f"unknown method {tc.method!r}; use 'lora' or 'full'")
+    model.train()
+    model.gradient_checkpointing = tc.gradient_checkpointing
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    wrapped = model
+    if world > 1:
+        if tc.method == "lora":
+            from torch.nn.parallel import DistributedDataParallel
+            wrapped = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        else:
+            from torch.distributed.fsdp import fully_shard
+            for b in model.blocks:
+                fully_shard(b)
+            fully_shard(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+
+    opt = _optimizer(tc, params, dev)
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup)))
+    alphas = _alphas_cumprod(root)
+    null_text = _null_text(root, cfg, dev) if tc.caption_dropout > 0 else None
+
+    dataset = LatentDataset(data)
+    sampler = BucketBatchSampler(dataset, tc.batch_size, seed=tc.seed, shuffle=True, rank=rank, world_size=world)
+    gen = torch.Generator(dev).manual_seed(tc.seed * 1000 + rank)
+    state = ckpt.TrainState(step=0)
+    if tc.resume:
+        found = ckpt.latest(out)
+        if found is not None:
+            state = ckpt.load(found, model, opt, sched_lr, sampler, gen, tc.method, rank)
+            print(f"[rank {rank}] resumed from {found} at step {state.step}", flush=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2, default=str))
+
+    positions: dict[tuple, tuple] = {}  # per bucket; they depend only on the latent shape
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda" and tc.mixed_precision == "bf16")
+    batches = _batches(dataset, sampler, dev)
+    t_last, losses, history = time.perf_counter(), [], []
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    while state.step < tc.steps:
+        b = next(batches)
+        batch = Batch(b["latent_mean"].float(), b["latent_logvar"].float(), b["prompt_embeds"],
+                      b.get("image_mean"), b.get("image_logvar"))
+        if batch.image_mean is not None:
+            batch.image_mean, batch.image_logvar = batch.image_mean.float(), batch.image_logvar.float()
+        x0, image = model_inputs(batch, cfg, scale, gen, tc.image_dropout)
+        text = batch.prompt_embeds.float()
+        if null_text is not None:
+            drop = torch.rand(text.shape[0], generator=gen, device=dev) < tc.caption_dropout
+            text = torch.where(drop[:, None, None], null_text.expand_as(text), text)
+        key = tuple(x0.shape[1:])
+        if key not in positions:
+            positions[key] = model.positions(x0.shape[1], x0.shape[3], x0.shape[4], dev)
+        with autocast:
+            loss = v_loss(wrapped, x0, text, alphas, gen, image, positions[key])
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip else None
+        opt.step()
+        sched_lr.step()
+        opt.zero_grad(set_to_none=True)
+        state.step += 1
+        losses.append(loss.detach())
+        if state.step % tc.log_every == 0 or state.step == tc.steps:
+            mean_loss = torch.stack(losses).mean().item()  # the only host sync, once per log interval
+            dt = (time.perf_counter() - t_last) / len(losses)
+            mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
+            history.append(dict(step=state.step, loss=mean_loss, s_per_step=dt, peak_gib=mem,
+                                grad_norm=float(gnorm) if gnorm is not None else None))
+            if rank == 0:
+                print(f"step {state.step:6d}  loss {mean_loss:.4f}  {dt:.3f} s/step  peak {mem:.1f} GiB", flush=True)
+            losses, t_last = [], time.perf_counter()
+        if tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < tc.steps:
+            ckpt.save(out, state, model, opt, sched_lr, sampler, gen, tc.method, rank, tc.keep_checkpoints)
+        if tc.validate_every and state.step % tc.validate_every == 0 and rank == 0:
+            validate(tc, model, root, dev, out / "validation" / f"step_{state.step:06d}")
+    final = export(tc, model, out, rank)
+    if world > 1:
+        torch.distributed.barrier()
+    return dict(history=history, export=str(final) if final else None, steps=state.step)
+
+
+def _optimizer(tc: TrainConfig, params, dev):
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    if tc.optimizer == "adamw8bit":
+        if dev.type != "cuda":
+            raise ValueError("adamw8bit (torchao) needs a CUDA GPU; use --optimizer adamw on the CPU")
+        from torchao.optim import AdamW8bit
+        return AdamW8bit(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    raise ValueError(f"unknown optimizer {tc.optimizer!r}; use adamw or adamw8bit")
+
+
+def _alphas_cumprod(root: Path) -> torch.Tensor:
+    import diffusers
+    conf = loader.read_json(root / "scheduler" / "scheduler_config.json")
+    return getattr(diffusers, conf["_class_name"]).from_config(conf).alphas_cumprod.float()
+
+
+def _null_text(root: Path, cfg: ModelConfig, dev) -> torch.Tensor:
+    """T5's embedding of the empty prompt, computed once: what the pipeline feeds the unconditional branch."""
+    from transformers import AutoTokenizer, T5EncoderModel
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+    t5 = T5EncoderModel.from_pretrained(root / "text_encoder").eval()
+    ids = tok([""], padding="max_length", max_length=cfg.max_text_seq_length, truncation=True,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        return t5(ids)[0].to(dev, torch.float32)  # (1, T, text_dim)
+
+
+def export(tc: TrainConfig, model, out: Path, rank: int) -> Path | None:
+    """LoRA: pytorch_lora_weights.safetensors. Full: a complete diffusers checkpoint folder under out/model."""
+    if tc.method == "full" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sd = ckpt.full_state_dict(model)
+        if rank != 0:
+            return None
+        model = loader.build_transformer(model.cfg, sd, torch.float32)
+    if rank != 0:
+        return None
+    if tc.method == "lora":
+        return save_lora(out / "pytorch_lora_weights.safetensors", model)
+    return loader.save_transformer(out / "transformer", model)
+
+
+def validate(tc: TrainConfig, model, root: Path, dev, folder: Path) -> list[Path]:
+    """Videos from the engine pipeline, with the LoRA fused per request exactly as serving does."""
+    from engine.pipeline import load_pipeline
+    from engine.video import write_mp4
+    if not tc.validation_prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    dtype = next(p for n, p in model.named_parameters() if ".lora_" not in n).dtype
+    view = loader.build_transformer(model.cfg, base_state_dict(model), None)  # shares the live weights
+    pipe = load_pipeline(root, device=dev, dtype=dtype, transformer=view)
+    loras = ()
+    if tc.method == "lora":
+        loras = ((str(save_lora(folder / "lora.safetensors", model)), 1.0),)
+    paths = []
+    for i, prompt in enumerate(tc.validation_prompts):
+        image = tc.validation_images[i] if i < len(tc.validation_images) else None
+        res = pipe.generate(prompt, image=image, loras=loras, **tc.validation_args)
+        paths.append(write_mp4(res.frames, folder / f"{i:02d}.mp4", res.fps))
+    model.train(was_training)
+    return paths

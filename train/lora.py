@@ -1,0 +1,108 @@
+"""Trainable LoRA adapters on our transformer, and their export in the diffusers format that serving reads.
+
+Our q/k/v live in one fused `qkv` layer, but a diffusers LoRA has separate to_q / to_k / to_v adapters.
+`LoraLinear` therefore holds one (A, B) pair per row slice of its base layer, so that what is trained is
+exactly what `engine.lora` fuses at serving time: ΔW[rows] = (alpha / r) · B @ A for each diffusers module.
+The scale alpha/r goes into the file's `lora_adapter_metadata` header, so neither our engine nor diffusers'
+`load_lora_weights` needs the user to pass a number.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.loader import engine_name, qkv_rows
+
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+_SUFFIX = {"to_q": "attn1.to_q", "to_k": "attn1.to_k", "to_v": "attn1.to_v", "to_out.0": "attn1.to_out.0",
+           "ff.net.0.proj": "ff.net.0.proj", "ff.net.2": "ff.net.2"}
+
+
+class LoraLinear(nn.Module):
+    """base(x) + (alpha/r) · [B_i A_i x for each row slice i], the slices tiling the output in order."""
+
+    def __init__(self, base: nn.Linear, names: list[str], slices: list[slice], r: int, alpha: float):
+        super().__init__()
+        self.base, self.names, self.slices = base, list(names), list(slices)
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        dev = base.weight.device
+        self.lora_A = nn.ParameterList(nn.Parameter(torch.empty(r, base.in_features, device=dev)) for _ in slices)
+        self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(s.stop - s.start, r, device=dev)) for s in slices)
+        for a in self.lora_A:  # peft's default: A kaiming-uniform, B zero, so training starts at the base model
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def forward(self, x):
+        y = self.base(x)
+        pieces, at = [], 0
+        for s, a, b in zip(self.slices, self.lora_A, self.lora_B):
+            if s.start > at:  # rows without an adapter
+                pieces.append(x.new_zeros(*x.shape[:-1], s.start - at))
+            pieces.append((x.to(a.dtype) @ a.t()) @ b.t())
+            at = s.stop
+        if at < self.base.out_features:
+            pieces.append(x.new_zeros(*x.shape[:-1], self.base.out_features - at))
+        return y + self.scale * torch.cat(pieces, dim=-1).to(y.dtype)
+
+
+def add_lora(model: nn.Module, r: int, alpha: float, targets=ATTENTION) -> list[LoraLinear]:
+    """Wrap the targeted layers of every block; the base weights are frozen, only A and B train."""
+    unknown = [t for t in targets if t not in _SUFFIX]
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {unknown}; choose from {sorted(_SUFFIX)}")
+    model.requires_grad_(False)
+    dim, wrapped = model.cfg.dim, []
+    for i, block in enumerate(model.blocks):
+        groups: dict[str, list[str]] = {}
+        for t in targets:
+            name = f"transformer_blocks.{i}.{_SUFFIX[t]}"
+            groups.setdefault(engine_name(name).split(".")[-1], []).append(name)
+        for attr, names in groups.items():
+            names.sort(key=lambda n: (qkv_rows(n, dim) or slice(0, 0)).start)
+            base = getattr(block, attr)
+            slices = [qkv_rows(n, dim) or slice(0, base.out_features) for n in names]
+            lora = LoraLinear(base, names, slices, r, alpha)
+            setattr(block, attr, lora)
+            wrapped.append(lora)
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> list[LoraLinear]:
+    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain model's state dict (no adapters), sharing the base tensors: for validation and export."""
+    return {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+
+
+def lora_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers")
+    sd, targets = {}, set()
+    for layer in layers:
+        for name, a, b in zip(layer.names, layer.lora_A, layer.lora_B):
+            sd[f"transformer.{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+            sd[f"transformer.{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+            targets.add(name.split(".", 2)[2].removeprefix("attn1."))
+    r, alpha = layers[0].r, layers[0].alpha
+    meta = {"transformer.r": r, "transformer.lora_alpha": alpha, "transformer.target_modules": sorted(targets),
+            "transformer.init_lora_weights": True, "transformer.use_dora": False, "transformer.use_rslora": False}
+    return sd, meta
+
+
+def save_lora(path: str | os.PathLike, model: nn.Module) -> Path:
+    """Write `pytorch_lora_weights.safetensors` (atomically) with the alpha/r header diffusers reads."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd, meta = lora_state_dict(model)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(sd, str(tmp), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)})
+    os.replace(tmp, path)
+    return path
