@@ -199,7 +199,7 @@ def train(tc: TrainConfig) -> dict:
             if rank == 0:
                 print(f"step {state.step:6d}  loss {mean_loss:.4f}  {dt:.3f} s/step  peak {mem:.1f} GiB", flush=True)
             losses, t_last = [], time.perf_counter()
-        if tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < tc.steps:
+        if tc.checkpoint_every and (state.step % tc.checkpoint_every == 0 or state.step == tc.steps):
             ckpt.save(out, state, model, opt, sched_lr, sampler, gen, tc.method, rank, tc.keep_checkpoints)
         if tc.validate_every and state.step % tc.validate_every == 0 and rank == 0:
             validate(tc, model, root, dev, out / "validation" / f"step_{state.step:06d}")

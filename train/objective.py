@@ -62,7 +62,8 @@ def v_loss(model, x0: torch.Tensor, text: torch.Tensor, alphas_cumprod: torch.Te
     ab = alphas_cumprod.to(x0.device, torch.float32)[t].view(B, 1, 1, 1, 1)
     xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     inp = xt if image is None else torch.cat([xt, image], dim=2)
-    ofs = torch.full((1,), 2.0, device=x0.device) if model.cfg.ofs_embed_dim else None
+    cfg = getattr(model, "module", model).cfg  # through a DDP wrapper
+    ofs = torch.full((1,), 2.0, device=x0.device) if cfg.ofs_embed_dim else None
     v = model(inp.to(text.dtype), text, t, ofs=ofs, positions=positions).float()
     x0_hat = ab.sqrt() * xt - (1 - ab).sqrt() * v
     w = 1.0 / (1 - ab)
