@@ -100,10 +100,13 @@ PRESETS: dict[str, ModelConfig] = {
     "cogvideox1.5-5b": ModelConfig(**_15),
     "cogvideox1.5-5b-i2v": ModelConfig(**_15, in_channels=32, ofs_embed_dim=512),
 }
+# The bundled model's shape (train/tiny.py trains it): 5B-style (3D RoPE), small enough for 2 CPU cores.
+PRESETS["cogrt-tiny"] = ModelConfig(num_heads=3, head_dim=64, num_layers=6, text_embed_dim=128, time_embed_dim=128,
+                                    sample_height=16, sample_width=16, use_rotary_positional_embeddings=True)
 # Tiny versions of each family for tests and the random demo model: same structure, toy widths.
 _TINY = dict(num_heads=2, head_dim=16, num_layers=2, text_embed_dim=32, time_embed_dim=24,
              sample_height=8, sample_width=8, sample_frames=9)
-for _name, _cfg in list(PRESETS.items()):
+for _name, _cfg in [(k, v) for k, v in PRESETS.items() if k.startswith("cogvideox")]:
     _extra = {"ofs_embed_dim": _TINY["time_embed_dim"]} if _cfg.ofs_embed_dim else {}  # added to the time embedding
     if _cfg.patch_size_t:  # 1.5's RoPE slice grid bounds the size: keep the tiny one roomy, as the real one is
         _extra.update(sample_height=32, sample_width=32)

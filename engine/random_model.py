@@ -33,7 +33,8 @@ def random_transformer(cfg: ModelConfig, seed: int = 0) -> CogVideoXTransformer:
 
 
 def write_random_checkpoint(out: str | os.PathLike, preset: str | ModelConfig = "tiny-5b", seed: int = 0,
-                            vae_channels: int = 16, t5_layers: int = 1, scheduler: str | None = None) -> Path:
+                            vae_channels: int | tuple[int, ...] = 16, t5_layers: int = 1,
+                            scheduler: str | None = None) -> Path:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
@@ -43,11 +44,11 @@ def write_random_checkpoint(out: str | os.PathLike, preset: str | ModelConfig = 
     save_transformer(out / "transformer", random_transformer(cfg, seed))
 
     torch.manual_seed(seed + 1)
-    c = vae_channels
     small = cfg.dim < 1024
+    chans = (vae_channels,) * 4 if isinstance(vae_channels, int) else tuple(vae_channels)
     vae = AutoencoderKLCogVideoX(
-        block_out_channels=(c, c, c, c) if small else (128, 256, 256, 512), latent_channels=cfg.out_channels,
-        layers_per_block=1 if small else 3, norm_num_groups=min(c, 32) if small else 32,
+        block_out_channels=chans if small else (128, 256, 256, 512), latent_channels=cfg.out_channels,
+        layers_per_block=1 if small else 3, norm_num_groups=min(min(chans), 32) if small else 32,
         scaling_factor=1.15258426 if cfg.variant == "cogvideox-2b" else 0.7,
         invert_scale_latents=cfg.patch_size_t is not None,
         sample_height=cfg.sample_height * 8, sample_width=cfg.sample_width * 8)

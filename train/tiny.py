@@ -1,0 +1,221 @@
+"""The recipe for the bundled tiny CogVideoX (`models/cogrt-tiny`), trained entirely by this project.
+
+Nobody here can download CogVideoX weights, so `make demo` runs a model we train ourselves on the
+synthetic world (train.synthetic):
+  1. `vae`: a small AutoencoderKLCogVideoX trained as an autoencoder on synthetic clips; its latent scaling
+     factor is set to 1/std of its latents, as for the released VAEs;
+  2. a small T5 encoder, randomly initialised and frozen, with the ByT5 tokenizer (bytes: no vocab file);
+  3. `transformer`: a 5B-style transformer (3D RoPE) trained from scratch with `train.loop` on latents
+     precomputed by `train.precompute` from mp4s written by `train.synthetic`;
+  4. `eval`: prompt adherence (bench.adherence) on held-out prompts, and VAE reconstruction PSNR.
+Each stage reads and writes a work folder, so stages can run in separate processes (or GPU leases).
+
+    python -m train.tiny vae --work W           # then: transformer, eval, package
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.model import PRESETS
+from engine.random_model import write_random_checkpoint
+
+CONFIG = PRESETS["cogrt-tiny"]
+VAE_CHANNELS = (32, 32, 64, 64)
+FRAMES, SIZE = 49, 128
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _clips(n: int, seed: int, frames: int, size: int, split: str) -> np.ndarray:
+    from train.synthetic import render, sample_scenes
+    return np.stack([render(s, frames, size, size) for s in sample_scenes(n, seed, split)])  # (n, F, H, W, 3)
+
+
+def clip_pool(n: int, seed: int, frames: int, size: int, workers: int = 8) -> np.ndarray:
+    """Clips of every colour and shape (held-out ones too: the VAE must reconstruct what LoRAs teach)."""
+    splits = ["train", "concept", "train", "heldout"]
+    jobs = [(n // 16, seed + i, frames, size, splits[i % 4]) for i in range(16)]
+    with ProcessPoolExecutor(workers) as ex:
+        return np.concatenate(list(ex.map(_clips, *zip(*jobs))))
+
+
+def to_video(x: np.ndarray, device) -> torch.Tensor:
+    """uint8 (B, F, H, W, 3) -> float (B, 3, F, H, W) in [-1, 1], the VAE's layout."""
+    return torch.from_numpy(x).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def psnr(vae, clips: np.ndarray, device) -> float:
+    """Reconstruction PSNR (dB) over uint8 frames, encoding with the posterior mean."""
+    vals = []
+    with torch.no_grad():
+        for c in clips:
+            x = to_video(c[None], device)
+            rec = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mode()).sample.float()
+            a = ((rec.clamp(-1, 1) + 1) * 127.5).round()
+            mse = ((a - (x + 1) * 127.5) ** 2).mean().item()
+            vals.append(10 * math.log10(255**2 / max(mse, 1e-10)))
+    return float(np.mean(vals))
+
+
+def stage_vae(work: Path, steps: int, batch: int, lr: float, kl: float, seconds: float | None) -> dict:
+    """Build the checkpoint skeleton and train its VAE; writes work/model and work/vae.json."""
+    from diffusers import AutoencoderKLCogVideoX
+    dev = _device()
+    model = work / "model"
+    write_random_checkpoint(model, CONFIG, seed=0, vae_channels=VAE_CHANNELS, t5_layers=2, scheduler="ddim")
+    vae = AutoencoderKLCogVideoX.from_pretrained(model / "vae").to(dev).train()
+    pool = clip_pool(min(2048, max(64, steps * batch)), 100, 9, SIZE)  # 9-frame clips: the causal VAE sees 1 + 8 frames per window
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    t0, log = time.time(), []
+    for step in range(steps):
+        x = to_video(pool[rng.integers(0, len(pool), batch)], dev)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample.float()
+        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        done = max(step / steps, (time.time() - t0) / seconds if seconds else 0.0)
+        for g in opt.param_groups:  # cosine decay to 10%, over the steps or the time budget
+            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.append((step, loss.item()))
+            print(f"vae step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+        if seconds and time.time() - t0 > seconds:
+            print(f"vae: time budget reached at step {step}", flush=True)
+            break
+    vae.eval()
+    held = _clips(12, 999, FRAMES, SIZE, "heldout")
+    with torch.no_grad():  # scaling factor: unit variance latents, as for the released VAEs
+        z = torch.cat([vae.encode(to_video(c[None], dev)).latent_dist.mode() for c in held[:8]])
+    vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
+    result = dict(psnr_db=psnr(vae, held, dev), scaling_factor=vae.config.scaling_factor, steps=step + 1,
+                  seconds=time.time() - t0, loss=log)
+    vae.to(torch.float16).save_pretrained(model / "vae")
+    (work / "vae.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "loss"}), flush=True)
+    return result
+
+
+def _write_shard(args):
+    from train.synthetic import write_dataset
+    out, n, seed, split = args
+    return write_dataset(out, n, seed, FRAMES, SIZE, SIZE, split)
+
+
+def stage_data(work: Path, n_videos: int, split: str = "train", workers: int = 8) -> Path:
+    """Synthetic mp4s in the diffusers-example layout, in 16 shards written in parallel."""
+    data = work / f"data_{split}"
+    if not (data / "done").is_file():
+        shards = [(data / f"shard{i:02d}", n_videos // 16, 1000 + i, split) for i in range(16)]
+        with ProcessPoolExecutor(workers) as ex:
+            list(ex.map(_write_shard, shards))
+        (data / "done").write_text("ok")
+    return data
+
+
+def stage_transformer(work: Path, n_videos: int, steps: int, batch: int, lr: float, split: str = "train") -> dict:
+    """Synthetic mp4s → precomputed latents → full training from scratch; the result goes into work/model."""
+    from train.data import Record
+    from train.loop import TrainConfig, train
+    from train.precompute import precompute
+    data = stage_data(work, n_videos, split)
+    records = []
+    for shard in sorted(data.glob("shard*")):
+        caps = (shard / "prompts.txt").read_text().splitlines()
+        vids = (shard / "videos.txt").read_text().splitlines()
+        records += [Record(c, shard / v) for c, v in zip(caps, vids)]
+    t0 = time.time()
+    precompute(records, work / "model", work / f"latents_{split}", f"{FRAMES}x{SIZE}x{SIZE}", device=_device())
+    t_pre = time.time() - t0
+    res = train(TrainConfig(model=str(work / "model"), data=str(work / f"latents_{split}"), out=str(work / "run"),
+                            method="full", from_scratch=True, steps=steps, batch_size=batch, lr=lr, warmup=200,
+                            weight_decay=0.01, caption_dropout=0.1, checkpoint_every=1000, log_every=100))
+    shutil.rmtree(work / "model" / "transformer")
+    shutil.copytree(work / "run" / "transformer", work / "model" / "transformer")
+    out = dict(precompute_s=t_pre, train_s=time.time() - t0 - t_pre, steps=res["steps"], history=res["history"])
+    (work / "transformer.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def stage_eval(model: Path, n: int = 50, steps: int = 30, guidance: float = 6.0, split: str = "heldout",
+               lora: str | None = None, out: Path | None = None) -> dict:
+    """Prompt adherence on n prompts of `split` (held out of training), one seed each."""
+    from bench.adherence import score
+    from engine.pipeline import load_pipeline
+    from train.synthetic import caption, sample_scenes
+    pipe = load_pipeline(model, device=_device(), dtype=torch.float32)
+    pairs, t0 = [], time.time()
+    for i, sc in enumerate(sample_scenes(n, 7, split)):
+        res = pipe.generate(caption(sc), num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=steps,
+                            guidance_scale=guidance, seed=i, loras=[(lora, 1.0)] if lora else ())
+        pairs.append((sc, res.frames))
+        if out is not None and i < 4:
+            from engine.video import write_mp4
+            write_mp4(res.frames, out / f"sample_{split}_{i}.mp4", res.fps)
+    result = score(pairs)
+    result.update(seconds_per_video=(time.time() - t0) / n, steps=steps, guidance=guidance, split=split)
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
+def package(work: Path, dest: Path) -> Path:
+    """Copy the trained model into `dest`, weights in fp16 to keep the repository small."""
+    from safetensors.torch import load_file, save_file
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(work / "model", dest)
+    for f in dest.rglob("*.safetensors"):
+        sd = load_file(str(f))
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, str(f))
+    return dest
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("stage", choices=["data", "vae", "transformer", "eval", "package"])
+    p.add_argument("--work", default=".cache/tiny")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seconds", type=float, default=None, help="stop the VAE stage after this long")
+    p.add_argument("--videos", type=int, default=2048)
+    p.add_argument("--n", type=int, default=50)
+    p.add_argument("--model", default=None, help="for eval: a model folder (default: WORK/model)")
+    p.add_argument("--lora", default=None)
+    p.add_argument("--split", default="heldout")
+    p.add_argument("--sample-steps", type=int, default=30)
+    p.add_argument("--dest", default="models/cogrt-tiny")
+    a = p.parse_args(argv)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if a.stage == "data":
+        print(stage_data(work, a.videos, a.split if a.split != "heldout" else "train"))
+    elif a.stage == "vae":
+        stage_vae(work, a.steps, a.batch, a.lr or 1e-3, kl=1e-6, seconds=a.seconds)
+    elif a.stage == "transformer":
+        stage_transformer(work, a.videos, a.steps, a.batch, a.lr or 5e-4)
+    elif a.stage == "eval":
+        res = stage_eval(Path(a.model) if a.model else work / "model", a.n, a.sample_steps, split=a.split,
+                         lora=a.lora, out=work)
+        (work / f"eval_{a.split}.json").write_text(json.dumps(res, indent=1))
+    else:
+        print(package(work, Path(a.dest)))
+
+
+if __name__ == "__main__":
+    main()
