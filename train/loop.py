@@ -53,6 +53,8 @@ class TrainConfig:
     validation_args: dict = field(default_factory=lambda: dict(num_frames=9, height=64, width=64,
                                                                 num_inference_steps=20, seed=0))
     log_every: int = 10
+    time_limit: float | None = None  # seconds; the run ends (and exports) at the first step past it
+    cache_latents: bool = False  # hold the whole precomputed dataset in host memory (small datasets)
     seed: int = 0
     resume: bool = True
     device: str | None = None
@@ -148,7 +150,7 @@ def train(tc: TrainConfig) -> dict:
     alphas = _alphas_cumprod(root)
     null_text = _null_text(root, cfg, dev) if tc.caption_dropout > 0 else None
 
-    dataset = LatentDataset(data)
+    dataset = LatentDataset(data, cache=tc.cache_latents)
     sampler = BucketBatchSampler(dataset, tc.batch_size, seed=tc.seed, shuffle=True, rank=rank, world_size=world)
     gen = torch.Generator(dev).manual_seed(tc.seed * 1000 + rank)
     state = ckpt.TrainState(step=0)
@@ -167,7 +169,11 @@ def train(tc: TrainConfig) -> dict:
     t_last, losses, history = time.perf_counter(), [], []
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    t_start = time.perf_counter()
     while state.step < tc.steps:
+        if tc.time_limit and time.perf_counter() - t_start > tc.time_limit:
+            print(f"time limit reached after {state.step} steps", flush=True)
+            break
         b = next(batches)
         batch = Batch(b["latent_mean"].float(), b["latent_logvar"].float(), b["prompt_embeds"],
                       b.get("image_mean"), b.get("image_logvar"))

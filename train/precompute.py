@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 import os
 import sys
 import tempfile
@@ -94,10 +95,14 @@ def _existing(path: Path, meta: dict) -> bool:
         return False
 
 
-def encode_sample(pipe, record: Record, bucket: Bucket, total: int, i2v: bool, gen: torch.Generator) -> dict:
-    """One record -> its tensors, on the CPU, in the pipeline's dtype. Raises BadVideo for unusable inputs."""
+def encode_sample(pipe, record: Record, bucket: Bucket, total: int, i2v: bool, gen: torch.Generator,
+                  video: torch.Tensor | None = None) -> dict:
+    """One record -> its tensors, on the CPU, in the pipeline's dtype. Raises BadVideo for unusable inputs.
+
+    `video` is the record's decoded clip when the caller decoded it ahead (precompute does, in threads)."""
     frames, height, width = bucket
-    video = decode_video(record.video, frames, height, width, total=total)  # (F, 3, H, W) in [-1, 1]
+    if video is None:
+        video = decode_video(record.video, frames, height, width, total=total)  # (F, 3, H, W) in [-1, 1]
     vae = pipe.vae
     dev = next(vae.parameters()).device
     with torch.no_grad():
@@ -118,7 +123,7 @@ def encode_sample(pipe, record: Record, bucket: Bucket, total: int, i2v: bool, g
 
 def precompute(manifest: str | os.PathLike | list[Record], model_dir: str | os.PathLike, out_dir: str | os.PathLike,
                buckets: str | list, device=None, dtype: torch.dtype | None = None, i2v: bool | None = None,
-               seed: int = 0, vae_tiling: bool = False, progress: bool = False) -> Summary:
+               seed: int = 0, vae_tiling: bool = False, progress: bool = False, workers: int = 4) -> Summary:
     """Encode every usable record of `manifest` into `out_dir` (layout in the module docstring).
 
     Bad or too-short videos and empty captions are skipped and listed in the summary; a run that writes
@@ -141,9 +146,8 @@ def precompute(manifest: str | os.PathLike | list[Record], model_dir: str | os.P
     i2v = pipe.cfg.is_i2v if i2v is None else i2v
 
     index, skipped, reused = [], [], 0
-    for i, rec in enumerate(tqdm(records, desc="precompute", unit="video", disable=not progress)):
-        sid = f"{i:06d}"
-        rel = f"samples/{sid}.safetensors"
+    todo = []  # (i, record, bucket, total, meta) still to encode, in manifest order
+    for i, rec in enumerate(records):
         try:
             if not rec.caption.strip():
                 raise BadVideo(rec.video, "empty caption")
@@ -152,18 +156,45 @@ def precompute(manifest: str | os.PathLike | list[Record], model_dir: str | os.P
             if bucket is None:
                 raise BadVideo(rec.video, f"too short: {total} frames, the shortest bucket needs "
                                           f"{min(b[0] for b in buckets)}")
-            meta = {"caption": rec.caption, "video": str(rec.video), "bucket": "x".join(map(str, bucket)),
-                    "has_image": str(i2v)}
-            if _existing(out / rel, meta):
-                reused += 1
-            else:
-                tensors = encode_sample(pipe, rec, bucket, total, i2v, sample_generator(seed, i))
-                _atomic_write(out / rel, lambda tmp: save_file(tensors, tmp, metadata=meta))
         except BadVideo as e:
             skipped.append({"video": str(rec.video), "reason": e.reason})
             continue
-        index.append({"id": sid, "caption": rec.caption, "frames": bucket[0], "height": bucket[1],
-                      "width": bucket[2], "file": rel, "has_image": i2v, "video": str(rec.video)})
+        meta = {"caption": rec.caption, "video": str(rec.video), "bucket": "x".join(map(str, bucket)),
+                "has_image": str(i2v)}
+        if _existing(out / f"samples/{i:06d}.safetensors", meta):
+            reused += 1
+        else:
+            todo.append((i, rec, bucket, total, meta))
+        index.append({"id": f"{i:06d}", "caption": rec.caption, "frames": bucket[0], "height": bucket[1],
+                      "width": bucket[2], "file": f"samples/{i:06d}.safetensors", "has_image": i2v,
+                      "video": str(rec.video)})
+
+    # Decoding is CPU work that PyAV does outside the GIL: threads decode ahead while the device encodes.
+    failed = set()
+    with ThreadPoolExecutor(workers) as ex:
+        def decode(job):
+            _, rec, (f, hh, ww), total, _ = job
+            try:
+                return decode_video(rec.video, f, hh, ww, total=total)
+            except BadVideo as e:
+                return e
+        ahead = [ex.submit(decode, j) for j in todo[:2 * workers]]
+        for k, job in enumerate(tqdm(todo, desc="precompute", unit="video", disable=not progress)):
+            video = ahead[k].result()
+            ahead[k] = None  # free the decoded clip once it is encoded
+            if k + 2 * workers < len(todo):
+                ahead.append(ex.submit(decode, todo[k + 2 * workers]))
+            i, rec, bucket, total, meta = job
+            try:
+                if isinstance(video, BadVideo):
+                    raise video
+                tensors = encode_sample(pipe, rec, bucket, total, i2v, sample_generator(seed, i), video=video)
+                _atomic_write(out / f"samples/{i:06d}.safetensors",
+                              lambda tmp: save_file(tensors, tmp, metadata=meta))
+            except BadVideo as e:
+                skipped.append({"video": str(rec.video), "reason": e.reason})
+                failed.add(i)
+    index = [e for e in index if int(e["id"]) not in failed]
 
     vcfg = pipe.vae.config
     summary = Summary(total=len(records), written=len(index), reused=reused, skipped=skipped,
@@ -188,8 +219,9 @@ def precompute(manifest: str | os.PathLike | list[Record], model_dir: str | os.P
 class LatentDataset(Dataset):
     """The samples of a precompute output directory; items are dicts of CPU tensors plus "bucket" (F, H, W)."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, cache: bool = False):
         self.root = Path(root)
+        self._cache: dict | None = {} if cache else None  # keep samples in memory after the first read
         if not (self.root / "index.jsonl").is_file():
             raise DataError(f"{self.root} has no index.jsonl: run `python -m train.precompute` first")
         lines = (self.root / "index.jsonl").read_text(encoding="utf-8").splitlines()
@@ -205,7 +237,12 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         e = self.entries[i]
-        item = load_file(str(self.root / e["file"]))
+        if self._cache is not None and i in self._cache:
+            item = dict(self._cache[i])
+        else:
+            item = load_file(str(self.root / e["file"]))
+            if self._cache is not None:
+                self._cache[i] = dict(item)
         item.update(bucket=self.buckets[i], caption=e["caption"], id=e["id"])
         return item
 

@@ -128,23 +128,42 @@ def stage_data(work: Path, n_videos: int, split: str = "train", workers: int = 8
     return data
 
 
-def stage_transformer(work: Path, n_videos: int, steps: int, batch: int, lr: float, split: str = "train") -> dict:
-    """Synthetic mp4s → precomputed latents → full training from scratch; the result goes into work/model."""
+def stage_transformer(work: Path, n_videos: int, steps: int, batch: int, lr: float, split: str = "train",
+                      seconds: float | None = None, limit: int | None = None, vae: Path | None = None,
+                      init: Path | None = None) -> dict:
+    """Synthetic mp4s → precomputed latents → full training; the result goes into work/model.
+
+    `vae`: a trained VAE folder to use (else work/model must exist from the vae stage). `init`: a
+    transformer folder to continue training from (else from scratch). `seconds` bounds the whole stage.
+    """
     from train.data import Record
     from train.loop import TrainConfig, train
     from train.precompute import precompute
+    t_stage = time.time()
+    model = work / "model"
+    if vae is not None and not (model / "model_index.json").is_file():
+        write_random_checkpoint(model, CONFIG, seed=0, vae_channels=VAE_CHANNELS, t5_layers=2, scheduler="ddim")
+        shutil.rmtree(model / "vae")
+        shutil.copytree(vae, model / "vae")
+    if init is not None:
+        shutil.rmtree(model / "transformer")
+        shutil.copytree(init, model / "transformer")
     data = stage_data(work, n_videos, split)
     records = []
     for shard in sorted(data.glob("shard*")):
         caps = (shard / "prompts.txt").read_text().splitlines()
         vids = (shard / "videos.txt").read_text().splitlines()
         records += [Record(c, shard / v) for c, v in zip(caps, vids)]
+    records = records[:limit]
     t0 = time.time()
     precompute(records, work / "model", work / f"latents_{split}", f"{FRAMES}x{SIZE}x{SIZE}", device=_device())
     t_pre = time.time() - t0
+    left = seconds - (time.time() - t_stage) - 20 if seconds else None  # 20 s for the export
+    print(f"precompute took {t_pre:.0f}s; training for {left or steps} {'s' if left else 'steps'}", flush=True)
     res = train(TrainConfig(model=str(work / "model"), data=str(work / f"latents_{split}"), out=str(work / "run"),
-                            method="full", from_scratch=True, steps=steps, batch_size=batch, lr=lr, warmup=200,
-                            weight_decay=0.01, caption_dropout=0.1, checkpoint_every=1000, log_every=100))
+                            method="full", from_scratch=init is None, steps=steps, batch_size=batch, lr=lr,
+                            warmup=200, weight_decay=0.01, caption_dropout=0.1, checkpoint_every=1000,
+                            log_every=100, time_limit=left, cache_latents=True))
     shutil.rmtree(work / "model" / "transformer")
     shutil.copytree(work / "run" / "transformer", work / "model" / "transformer")
     out = dict(precompute_s=t_pre, train_s=time.time() - t0 - t_pre, steps=res["steps"], history=res["history"])
@@ -194,6 +213,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seconds", type=float, default=None, help="stop the VAE stage after this long")
     p.add_argument("--videos", type=int, default=2048)
+    p.add_argument("--limit", type=int, default=None, help="train on the first N videos only")
+    p.add_argument("--vae", default=None, help="transformer stage: a trained VAE folder to build on")
+    p.add_argument("--init", default=None, help="transformer stage: a transformer folder to continue from")
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--model", default=None, help="for eval: a model folder (default: WORK/model)")
     p.add_argument("--lora", default=None)
@@ -208,7 +230,8 @@ def main(argv=None):
     elif a.stage == "vae":
         stage_vae(work, a.steps, a.batch, a.lr or 1e-3, kl=1e-6, seconds=a.seconds)
     elif a.stage == "transformer":
-        stage_transformer(work, a.videos, a.steps, a.batch, a.lr or 5e-4)
+        stage_transformer(work, a.videos, a.steps, a.batch, a.lr or 5e-4, seconds=a.seconds, limit=a.limit,
+                          vae=Path(a.vae) if a.vae else None, init=Path(a.init) if a.init else None)
     elif a.stage == "eval":
         res = stage_eval(Path(a.model) if a.model else work / "model", a.n, a.sample_steps, split=a.split,
                          lora=a.lora, out=work)
