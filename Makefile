@@ -25,14 +25,13 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q --timeout=900
 
-# Until the trained tiny model is bundled (models/cogrt-tiny), the demo runs a random-weight tiny model
-# built from the presets: the video is noise-like, but every stage of the real pipeline runs.
+# The demo runs the bundled tiny model (models/cogrt-tiny); without it, a random-weight one from the presets.
 demo: install
 	@if [ -d models/cogrt-tiny ]; then model=models/cogrt-tiny; else \
 		[ -d $(DEMO_MODEL) ] || $(VENV)/bin/cogrt random-checkpoint $(DEMO_MODEL) --preset tiny-5b; \
 		model=$(DEMO_MODEL); fi; \
 	$(VENV)/bin/cogrt generate "$(PROMPT)" --model $$model --frames 49 --height 128 --width 128 \
-		--steps 20 --seed 0 -o out/demo.mp4
+		--steps 50 --seed 0 -o out/demo.mp4
 
 clean:
 	rm -rf $(VENV) .cache out
