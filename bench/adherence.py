@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from train.synthetic import COLORS, DIRECTIONS, SHAPES, Scene, shape_mask
+from train.synthetic import COLORS, DIRECTIONS, SHAPES, shape_mask
 
 PALETTE = np.array(list(COLORS.values()), np.float32)  # (K, 3)
 PALETTE.flags.writeable = False

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _atomic(path: str | os.PathLike, write) -> Path:
+def atomic_write(path: str | os.PathLike, write) -> Path:
     """Write to a temporary file beside `path`, then rename it into place only once it is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,14 +40,14 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:
             for f in frames:
                 out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
             out.mux(stream.encode(None))
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def write_npy(frames: np.ndarray, path: str | os.PathLike) -> Path:
     def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, frames)
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def read_mp4(path: str | os.PathLike) -> np.ndarray:

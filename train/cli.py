@@ -1,7 +1,6 @@
 """`cogrt train` and `cogrt precompute`: argument parsing over train.loop and train.precompute."""
 from __future__ import annotations
 
-import argparse
 import json
 
 from .lora import ATTENTION

@@ -8,7 +8,6 @@ applied exactly as serving applies it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.loader import engine_name, qkv_rows
+from engine.video import atomic_write
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 _SUFFIX = {"to_q": "attn1.to_q", "to_k": "attn1.to_k", "to_v": "attn1.to_v", "to_out.0": "attn1.to_out.0",
@@ -99,10 +100,6 @@ def lora_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
 def save_lora(path: str | os.PathLike, model: nn.Module) -> Path:
     """Write `pytorch_lora_weights.safetensors` (atomically) with the alpha/r header diffusers reads."""
     from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd, meta = lora_state_dict(model)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, path)
-    return path
+    header = {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=header))

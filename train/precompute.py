@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 import os
 import sys
-import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
+
+from engine.video import atomic_write
 
 from .data import BadVideo, Bucket, DataError, Record, decode_image, decode_video, parse_buckets, pick_bucket, \
     probe_video, read_manifest
@@ -61,21 +62,8 @@ class Summary:
         return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) into a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
@@ -189,7 +177,7 @@ def precompute(manifest: str | os.PathLike | list[Record], model_dir: str | os.P
                 if isinstance(video, BadVideo):
                     raise video
                 tensors = encode_sample(pipe, rec, bucket, total, i2v, sample_generator(seed, i), video=video)
-                _atomic_write(out / f"samples/{i:06d}.safetensors",
+                atomic_write(out / f"samples/{i:06d}.safetensors",
                               lambda tmp: save_file(tensors, tmp, metadata=meta))
             except BadVideo as e:
                 skipped.append({"video": str(rec.video), "reason": e.reason})
