@@ -7,6 +7,7 @@ diffusers / transformers, which own those components.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -293,7 +294,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
                     with safe_open(str(f), framework="pt") as fh:
                         for k in fh.keys():
                             sl = fh.get_slice(k)
-                            n += int(torch.tensor(sl.get_shape()).prod()) if sl.get_shape() else 1
+                            n += math.prod(sl.get_shape())
                             dtypes.add(sl.get_dtype())
                 info.update(parameters=n, dtypes=sorted(dtypes), files=len(files))
             except CheckpointError as e:

@@ -162,6 +162,7 @@ def train(tc: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2, default=str))
 
+    val_pipe = None  # built at the first validation
     positions: dict[tuple, tuple] = {}  # per bucket; they depend only on the latent shape
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda" and tc.mixed_precision == "bf16")
     batches = _batches(dataset, sampler, dev)
@@ -206,8 +207,9 @@ def train(tc: TrainConfig) -> dict:
             losses, t_last = [], time.perf_counter()
         if tc.checkpoint_every and (state.step % tc.checkpoint_every == 0 or state.step == tc.steps):
             ckpt.save(out, state, model, opt, sched_lr, sampler, gen, tc.method, rank, tc.keep_checkpoints)
-        if tc.validate_every and state.step % tc.validate_every == 0 and rank == 0:
-            validate(tc, model, root, dev, out / "validation" / f"step_{state.step:06d}")
+        if tc.validate_every and tc.validation_prompts and state.step % tc.validate_every == 0 and rank == 0:
+            val_pipe = val_pipe or validation_pipeline(model, root, dev)
+            validate(tc, model, val_pipe, out / "validation" / f"step_{state.step:06d}")
     final = export(tc, model, out, rank)
     if world > 1:
         torch.distributed.barrier()
@@ -256,17 +258,18 @@ def export(tc: TrainConfig, model, out: Path, rank: int) -> Path | None:
     return loader.save_transformer(out / "transformer", model)
 
 
-def validate(tc: TrainConfig, model, root: Path, dev, folder: Path) -> list[Path]:
-    """Videos from the engine pipeline, with the LoRA fused per request exactly as serving does."""
+def validation_pipeline(model, root: Path, dev):
+    """The engine pipeline over a view of the model's base weights. The view shares their storage and the
+    optimizer updates them in place, so one pipeline serves every validation of the run."""
     from engine.pipeline import load_pipeline
-    from engine.video import write_mp4
-    if not tc.validation_prompts:
-        return []
-    was_training = model.training
-    model.eval()
     dtype = next(p for n, p in model.named_parameters() if ".lora_" not in n).dtype
-    view = loader.build_transformer(model.cfg, base_state_dict(model), None)  # shares the live weights
-    pipe = load_pipeline(root, device=dev, dtype=dtype, transformer=view)
+    view = loader.build_transformer(model.cfg, base_state_dict(model), None)
+    return load_pipeline(root, device=dev, dtype=dtype, transformer=view)
+
+
+def validate(tc: TrainConfig, model, pipe, folder: Path) -> list[Path]:
+    """Videos from the engine pipeline, with the LoRA fused per request exactly as serving does."""
+    from engine.video import write_mp4
     loras = ()
     if tc.method == "lora":
         loras = ((str(save_lora(folder / "lora.safetensors", model)), 1.0),)
@@ -275,5 +278,4 @@ def validate(tc: TrainConfig, model, root: Path, dev, folder: Path) -> list[Path
         image = tc.validation_images[i] if i < len(tc.validation_images) else None
         res = pipe.generate(prompt, image=image, loras=loras, **tc.validation_args)
         paths.append(write_mp4(res.frames, folder / f"{i:02d}.mp4", res.fps))
-    model.train(was_training)
     return paths
