@@ -249,6 +249,12 @@ def build_transformer(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype=None,
     return model.eval().requires_grad_(False)
 
 
+def transformer_config(cfg: ModelConfig) -> dict:
+    """The diffusers `transformer/config.json` for a config."""
+    return {"_class_name": "CogVideoXTransformer3DModel", **cfg.to_diffusers(), "activation_fn": "gelu-approximate",
+            "timestep_activation_fn": "silu", "dropout": 0.0, "norm_elementwise_affine": True}
+
+
 def save_transformer(folder: str | os.PathLike, model: CogVideoXTransformer) -> Path:
     """Write our transformer as a diffusers `transformer/` folder (config.json + safetensors)."""
     from safetensors.torch import save_file
@@ -257,9 +263,7 @@ def save_transformer(folder: str | os.PathLike, model: CogVideoXTransformer) -> 
     cfg = model.cfg
     sd = from_engine_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
     save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
-    conf = {"_class_name": "CogVideoXTransformer3DModel", **cfg.to_diffusers(), "activation_fn": "gelu-approximate",
-            "timestep_activation_fn": "silu", "dropout": 0.0, "norm_elementwise_affine": True}
-    (folder / "config.json").write_text(json.dumps(conf, indent=2))
+    (folder / "config.json").write_text(json.dumps(transformer_config(cfg), indent=2))
     return folder
 
 

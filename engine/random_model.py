@@ -32,10 +32,23 @@ def random_transformer(cfg: ModelConfig, seed: int = 0) -> CogVideoXTransformer:
     return model.eval()
 
 
+def write_scheduler(folder: str | os.PathLike, cfg: ModelConfig, kind: str | None = None):
+    """The released models' scheduler config: DDIM for 2B and the I2V models, DPM for the others."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+    two_b = cfg.variant == "cogvideox-2b"
+    sched_cls = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[
+        kind or ("ddim" if two_b or cfg.is_i2v else "dpm")]
+    sched_cls(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+              clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+              set_alpha_to_one=True, timestep_spacing="trailing",
+              snr_shift_scale=3.0 if two_b else 1.0).save_pretrained(folder)
+    return sched_cls
+
+
 def write_random_checkpoint(out: str | os.PathLike, preset: str | ModelConfig = "tiny-5b", seed: int = 0,
                             vae_channels: int | tuple[int, ...] = 16, t5_layers: int = 1,
                             scheduler: str | None = None) -> Path:
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+    from diffusers import AutoencoderKLCogVideoX
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
@@ -61,13 +74,7 @@ def write_random_checkpoint(out: str | os.PathLike, preset: str | ModelConfig = 
     t5.save_pretrained(out / "text_encoder")
     ByT5Tokenizer().save_pretrained(out / "tokenizer")
 
-    two_b = cfg.variant == "cogvideox-2b"
-    sched_cls = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[
-        scheduler or ("ddim" if two_b or cfg.is_i2v else "dpm")]
-    sched_cls(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-              clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
-              set_alpha_to_one=True, timestep_spacing="trailing",
-              snr_shift_scale=3.0 if two_b else 1.0).save_pretrained(out / "scheduler")
+    sched_cls = write_scheduler(out / "scheduler", cfg, scheduler)
 
     index = {"_class_name": PIPELINE_CLASS[cfg.is_i2v], "_diffusers_version": "0.42.1",
              "scheduler": ["diffusers", sched_cls.__name__], "text_encoder": ["transformers", "T5EncoderModel"],

@@ -22,6 +22,7 @@ def add_train_parser(sub) -> None:
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--warmup", type=int, default=0)
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     t.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     t.add_argument("--mixed-precision", choices=["bf16", "no"], default="bf16")
     t.add_argument("--gradient-checkpointing", action="store_true")
@@ -49,7 +50,8 @@ def cmd_train(a) -> int:
     tc = TrainConfig(model=a.model, data=a.data, out=a.out, method=a.method, from_scratch=a.from_scratch,
                      rank=a.rank, alpha=a.alpha if a.alpha is not None else float(a.rank),
                      targets=tuple(x for x in a.targets.split(",") if x), steps=a.steps, batch_size=a.batch_size,
-                     lr=a.lr, weight_decay=a.weight_decay, warmup=a.warmup, optimizer=a.optimizer,
+                     lr=a.lr, weight_decay=a.weight_decay, warmup=a.warmup, lr_schedule=a.lr_schedule,
+                     optimizer=a.optimizer,
                      mixed_precision=a.mixed_precision, gradient_checkpointing=a.gradient_checkpointing,
                      caption_dropout=a.caption_dropout, checkpoint_every=a.checkpoint_every,
                      validate_every=a.validate_every, validation_prompts=tuple(a.validation_prompt),

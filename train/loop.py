@@ -8,6 +8,7 @@ applied exactly as serving applies it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     warmup: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (to 10% of lr at `steps`), after the linear warm-up
     grad_clip: float = 1.0
     optimizer: str = "adamw"  # adamw | adamw8bit (torchao, CUDA)
     mixed_precision: str = "bf16"  # bf16 | no; bf16 autocast applies on CUDA only
@@ -98,7 +100,9 @@ def _batches(dataset, sampler, device):
         sampler.set_epoch(sampler.epoch + 1)
 
 
-def train(tc: TrainConfig) -> dict:
+def train(tc: TrainConfig, transformer: CogVideoXTransformer | None = None) -> dict:
+    """Run (or resume) a training run. `transformer`: an already built model to train instead of loading
+    `tc.model`'s weights (benchmarks at the real shapes use random weights built on the GPU)."""
     from .precompute import BucketBatchSampler, LatentDataset
     rank, world = _setup_distributed()
     dev = torch.device(tc.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
@@ -113,7 +117,9 @@ def train(tc: TrainConfig) -> dict:
     scale = LatentScale(summary["vae_scaling_factor"], summary.get("invert_scale_latents", False))
 
     # the model: trainable weights in fp32; a LoRA's frozen base in bf16 on the GPU
-    if tc.from_scratch:
+    if transformer is not None:
+        model = transformer.to(dev)
+    elif tc.from_scratch:
         model = _scratch_model(loader.load_config(root / "transformer"), dev)
     else:
         base_dtype = torch.bfloat16 if tc.method == "lora" and dev.type == "cuda" else torch.float32
@@ -145,7 +151,7 @@ def train(tc: TrainConfig) -> dict:
             params = [p for p in model.parameters() if p.requires_grad]
 
     opt = _optimizer(tc, params, dev)
-    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup)))
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(tc, s))
     alphas = _alphas_cumprod(root)
     null_text = _null_text(root, cfg, dev) if tc.caption_dropout > 0 else None
 
@@ -173,6 +179,8 @@ def train(tc: TrainConfig) -> dict:
     while state.step < tc.steps:
         if tc.time_limit and time.perf_counter() - t_start > tc.time_limit:
             print(f"time limit reached after {state.step} steps", flush=True)
+            if tc.checkpoint_every and state.step % tc.checkpoint_every:  # so that a rerun resumes from here
+                ckpt.save(out, state, model, opt, sched_lr, sampler, gen, tc.method, rank, tc.keep_checkpoints)
             break
         b = next(batches)
         batch = Batch(b["latent_mean"].float(), b["latent_logvar"].float(), b["prompt_embeds"],
@@ -200,7 +208,8 @@ def train(tc: TrainConfig) -> dict:
             mean_loss = torch.stack(losses).mean().item()  # the only host sync, once per log interval
             dt = (time.perf_counter() - t_last) / len(losses)
             mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
-            history.append(dict(step=state.step, loss=mean_loss, s_per_step=dt, peak_gib=mem,
+            reserved = torch.cuda.max_memory_reserved(dev) / 2**30 if dev.type == "cuda" else 0.0
+            history.append(dict(step=state.step, loss=mean_loss, s_per_step=dt, peak_gib=mem, reserved_gib=reserved,
                                 grad_norm=float(gnorm) if gnorm is not None else None))
             if rank == 0:
                 print(f"step {state.step:6d}  loss {mean_loss:.4f}  {dt:.3f} s/step  peak {mem:.1f} GiB", flush=True)
@@ -214,6 +223,16 @@ def train(tc: TrainConfig) -> dict:
     if world > 1:
         torch.distributed.barrier()
     return dict(history=history, export=str(final) if final else None, steps=state.step)
+
+
+def _lr_factor(tc: TrainConfig, step: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, tc.warmup))
+    if tc.lr_schedule == "constant":
+        return warm
+    if tc.lr_schedule == "cosine":
+        done = min(1.0, max(0, step - tc.warmup) / max(1, tc.steps - tc.warmup))
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
+    raise ValueError(f"unknown lr_schedule {tc.lr_schedule!r}; use constant or cosine")
 
 
 def _optimizer(tc: TrainConfig, params, dev):

@@ -38,16 +38,18 @@ class LoraLinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     def forward(self, x):
-        y = self.base(x)
-        pieces, at = [], 0
-        for s, a, b in zip(self.slices, self.lora_A, self.lora_B):
-            if s.start > at:  # rows without an adapter
-                pieces.append(x.new_zeros(*x.shape[:-1], s.start - at))
-            pieces.append((x.to(a.dtype) @ a.t()) @ b.t())
-            at = s.stop
-        if at < self.base.out_features:
-            pieces.append(x.new_zeros(*x.shape[:-1], self.base.out_features - at))
-        return y + self.scale * torch.cat(pieces, dim=-1).to(y.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # one low-precision copy, shared by base and LoRA
+        elif x.dtype != self.lora_A[0].dtype:
+            x = x.to(self.lora_A[0].dtype)
+        y = self.base(x.to(self.base.weight.dtype))
+        # all down-projections in one GEMM, then all up-projections in one GEMM with a block-placed B, so no
+        # per-slice outputs are concatenated: (.., in) -> (.., k*r) -> (.., out)
+        a = torch.cat(list(self.lora_A))  # (k*r, in)
+        b = a.new_zeros(self.base.out_features, a.shape[0])
+        for i, (s, bi) in enumerate(zip(self.slices, self.lora_B)):
+            b[s, i * self.r:(i + 1) * self.r] = bi
+        return y + (self.scale * ((x @ a.t()) @ b.t())).to(y.dtype)
 
 
 def add_lora(model: nn.Module, r: int, alpha: float, targets=ATTENTION) -> list[LoraLinear]:

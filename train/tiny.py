@@ -30,6 +30,7 @@ from engine.random_model import write_random_checkpoint
 
 CONFIG = PRESETS["cogrt-tiny"]
 VAE_CHANNELS = (32, 32, 64, 64)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 FRAMES, SIZE = 49, 128
 
 
@@ -68,26 +69,38 @@ def psnr(vae, clips: np.ndarray, device) -> float:
     return float(np.mean(vals))
 
 
-def stage_vae(work: Path, steps: int, batch: int, lr: float, kl: float, seconds: float | None) -> dict:
-    """Build the checkpoint skeleton and train its VAE; writes work/model and work/vae.json."""
+def stage_vae(work: Path, steps: int, batch: int, lr: float, kl: float, seconds: float | None,
+              init: Path | None = None) -> dict:
+    """Build the checkpoint skeleton and train its VAE; writes work/model (or work/vae_ft) and work/vae.json.
+
+    `init`: a trained VAE folder whose decoder is fine-tuned alone. Its encoder, and so its latents and
+    scaling factor, stay exactly as they were, and a transformer trained on them remains valid."""
     from diffusers import AutoencoderKLCogVideoX
     dev = _device()
     model = work / "model"
-    write_random_checkpoint(model, CONFIG, seed=0, vae_channels=VAE_CHANNELS, t5_layers=2, scheduler="ddim")
-    vae = AutoencoderKLCogVideoX.from_pretrained(model / "vae").to(dev).train()
+    if init is None:
+        write_random_checkpoint(model, CONFIG, seed=0, vae_channels=VAE_CHANNELS, t5_layers=2, scheduler="ddim")
+        vae = AutoencoderKLCogVideoX.from_pretrained(model / "vae").to(dev).train()
+        trainable = list(vae.parameters())
+    else:
+        vae = AutoencoderKLCogVideoX.from_pretrained(init, torch_dtype=torch.float32).to(dev).train()
+        vae.encoder.requires_grad_(False).eval()
+        vae.quant_conv is None or vae.quant_conv.requires_grad_(False)
+        trainable = [p for p in vae.parameters() if p.requires_grad]
     pool = clip_pool(min(2048, max(64, steps * batch)), 100, 9, SIZE)  # 9-frame clips: the causal VAE sees 1 + 8 frames per window
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(0)
     t0, log = time.time(), []
     for step in range(steps):
         x = to_video(pool[rng.integers(0, len(pool), batch)], dev)
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-            post = vae.encode(x).latent_dist
+            with torch.set_grad_enabled(init is None):
+                post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample.float()
         loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + kl * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         done = max(step / steps, (time.time() - t0) / seconds if seconds else 0.0)
         for g in opt.param_groups:  # cosine decay to 10%, over the steps or the time budget
             g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
@@ -100,12 +113,13 @@ def stage_vae(work: Path, steps: int, batch: int, lr: float, kl: float, seconds:
             break
     vae.eval()
     held = _clips(12, 999, FRAMES, SIZE, "heldout")
-    with torch.no_grad():  # scaling factor: unit variance latents, as for the released VAEs
-        z = torch.cat([vae.encode(to_video(c[None], dev)).latent_dist.mode() for c in held[:8]])
-    vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
+    if init is None:
+        with torch.no_grad():  # scaling factor: unit variance latents, as for the released VAEs
+            z = torch.cat([vae.encode(to_video(c[None], dev)).latent_dist.mode() for c in held[:8]])
+        vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
     result = dict(psnr_db=psnr(vae, held, dev), scaling_factor=vae.config.scaling_factor, steps=step + 1,
-                  seconds=time.time() - t0, loss=log)
-    vae.to(torch.float16).save_pretrained(model / "vae")
+                  seconds=time.time() - t0, loss=log, decoder_only=init is not None)
+    vae.to(torch.float16).save_pretrained(model / "vae" if init is None else work / "vae_ft")
     (work / "vae.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "loss"}), flush=True)
     return result
@@ -130,17 +144,19 @@ def stage_data(work: Path, n_videos: int, split: str = "train", workers: int = 8
 
 def stage_transformer(work: Path, n_videos: int, steps: int, batch: int, lr: float, split: str = "train",
                       seconds: float | None = None, limit: int | None = None, vae: Path | None = None,
-                      init: Path | None = None) -> dict:
+                      init: Path | None = None, lr_schedule: str = "constant", workers: int = 8,
+                      base: Path | None = None) -> dict:
     """Synthetic mp4s → precomputed latents → full training; the result goes into work/model.
 
     `vae`: a trained VAE folder to use (else work/model must exist from the vae stage). `init`: a
     transformer folder to continue training from (else from scratch). `seconds` bounds the whole stage.
     """
-    from train.data import Record
     from train.loop import TrainConfig, train
     from train.precompute import precompute
     t_stage = time.time()
     model = work / "model"
+    if base is not None and not (model / "model_index.json").is_file():
+        shutil.copytree(base, model)
     if vae is not None and not (model / "model_index.json").is_file():
         write_random_checkpoint(model, CONFIG, seed=0, vae_channels=VAE_CHANNELS, t5_layers=2, scheduler="ddim")
         shutil.rmtree(model / "vae")
@@ -148,26 +164,53 @@ def stage_transformer(work: Path, n_videos: int, steps: int, batch: int, lr: flo
     if init is not None:
         shutil.rmtree(model / "transformer")
         shutil.copytree(init, model / "transformer")
-    data = stage_data(work, n_videos, split)
-    records = []
-    for shard in sorted(data.glob("shard*")):
-        caps = (shard / "prompts.txt").read_text().splitlines()
-        vids = (shard / "videos.txt").read_text().splitlines()
-        records += [Record(c, shard / v) for c, v in zip(caps, vids)]
-    records = records[:limit]
+    records = _records(stage_data(work, n_videos, split))[:limit]
     t0 = time.time()
-    precompute(records, work / "model", work / f"latents_{split}", f"{FRAMES}x{SIZE}x{SIZE}", device=_device())
+    precompute(records, work / "model", work / f"latents_{split}", f"{FRAMES}x{SIZE}x{SIZE}", device=_device(),
+               workers=workers)
     t_pre = time.time() - t0
     left = seconds - (time.time() - t_stage) - 20 if seconds else None  # 20 s for the export
     print(f"precompute took {t_pre:.0f}s; training for {left or steps} {'s' if left else 'steps'}", flush=True)
     res = train(TrainConfig(model=str(work / "model"), data=str(work / f"latents_{split}"), out=str(work / "run"),
-                            method="full", from_scratch=init is None, steps=steps, batch_size=batch, lr=lr,
-                            warmup=200, weight_decay=0.01, caption_dropout=0.1, checkpoint_every=1000,
+                            method="full", from_scratch=init is None and base is None, steps=steps, batch_size=batch, lr=lr,
+                            warmup=200, lr_schedule=lr_schedule, weight_decay=0.01, caption_dropout=0.1, checkpoint_every=1000,
                             log_every=100, time_limit=left, cache_latents=True))
     shutil.rmtree(work / "model" / "transformer")
     shutil.copytree(work / "run" / "transformer", work / "model" / "transformer")
     out = dict(precompute_s=t_pre, train_s=time.time() - t0 - t_pre, steps=res["steps"], history=res["history"])
     (work / "transformer.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _records(data: Path) -> list:
+    from train.data import Record
+    records = []
+    for shard in sorted(data.glob("shard*")):
+        caps = (shard / "prompts.txt").read_text().splitlines()
+        vids = (shard / "videos.txt").read_text().splitlines()
+        records += [Record(c, shard / v) for c, v in zip(caps, vids)]
+    return records
+
+
+def stage_lora(work: Path, n_videos: int, steps: int, batch: int, lr: float, rank: int,
+               seconds: float | None = None, workers: int = 8) -> dict:
+    """The demo LoRA: teach the trained model the held-out concepts (purple, star) from the "concept" split.
+    Writes work/demo_lora.safetensors; the base model in work/model is not changed."""
+    from train.loop import TrainConfig, train
+    from train.precompute import precompute
+    t_stage = time.time()
+    records = _records(stage_data(work, n_videos, "concept"))
+    precompute(records, work / "model", work / "latents_concept", f"{FRAMES}x{SIZE}x{SIZE}", device=_device(),
+               workers=workers)
+    left = seconds - (time.time() - t_stage) - 10 if seconds else None
+    res = train(TrainConfig(model=str(work / "model"), data=str(work / "latents_concept"), out=str(work / "lora_run"),
+                            method="lora", rank=rank, alpha=float(rank), targets=LORA_TARGETS, steps=steps,
+                            batch_size=batch, lr=lr, warmup=100, lr_schedule="cosine", weight_decay=0.0,
+                            caption_dropout=0.1, checkpoint_every=500, log_every=100, time_limit=left,
+                            cache_latents=True))
+    shutil.copy(res["export"], work / "demo_lora.safetensors")
+    out = dict(steps=res["steps"], seconds=time.time() - t_stage, history=res["history"])
+    (work / "lora.json").write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -206,7 +249,7 @@ def package(work: Path, dest: Path) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["data", "vae", "transformer", "eval", "package"])
+    p.add_argument("stage", choices=["data", "vae", "transformer", "lora", "eval", "package"])
     p.add_argument("--work", default=".cache/tiny")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=16)
@@ -214,7 +257,12 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=None, help="stop the VAE stage after this long")
     p.add_argument("--videos", type=int, default=2048)
     p.add_argument("--limit", type=int, default=None, help="train on the first N videos only")
-    p.add_argument("--vae", default=None, help="transformer stage: a trained VAE folder to build on")
+    p.add_argument("--vae", default=None, help="transformer stage: a trained VAE folder to build on; "
+                                               "vae stage: a trained VAE whose decoder alone is fine-tuned")
+    p.add_argument("--base", default=None, help="transformer stage: a whole trained model folder to continue")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--rank", type=int, default=32, help="lora stage")
+    p.add_argument("--workers", type=int, default=8, help="threads decoding videos for precompute")
     p.add_argument("--init", default=None, help="transformer stage: a transformer folder to continue from")
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--model", default=None, help="for eval: a model folder (default: WORK/model)")
@@ -228,10 +276,14 @@ def main(argv=None):
     if a.stage == "data":
         print(stage_data(work, a.videos, a.split if a.split != "heldout" else "train"))
     elif a.stage == "vae":
-        stage_vae(work, a.steps, a.batch, a.lr or 1e-3, kl=1e-6, seconds=a.seconds)
+        stage_vae(work, a.steps, a.batch, a.lr or 1e-3, kl=1e-6, seconds=a.seconds,
+                  init=Path(a.vae) if a.vae else None)
     elif a.stage == "transformer":
         stage_transformer(work, a.videos, a.steps, a.batch, a.lr or 5e-4, seconds=a.seconds, limit=a.limit,
-                          vae=Path(a.vae) if a.vae else None, init=Path(a.init) if a.init else None)
+                          vae=Path(a.vae) if a.vae else None, init=Path(a.init) if a.init else None,
+                          lr_schedule=a.lr_schedule, workers=a.workers, base=Path(a.base) if a.base else None)
+    elif a.stage == "lora":
+        stage_lora(work, a.videos, a.steps, a.batch, a.lr or 1e-3, a.rank, seconds=a.seconds, workers=a.workers)
     elif a.stage == "eval":
         res = stage_eval(Path(a.model) if a.model else work / "model", a.n, a.sample_steps, split=a.split,
                          lora=a.lora, out=work)
