@@ -11,6 +11,7 @@ a linear layer over flattened patches, so that every matmul is an `nn.Linear` th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -229,13 +230,15 @@ class Block(nn.Module):
     def modulate(self, ln, mod, x, c):
         """LayerNorm both streams, scale/shift them, and join them as [text; video]."""
         shift, scale, gate, c_shift, c_scale, c_gate = mod.unsqueeze(1).chunk(6, dim=-1)  # (B, 1, D) each
-        h = torch.cat([ln(c) * (1 + c_scale) + c_shift, ln(x) * (1 + scale) + shift], dim=1)
+        # autocast runs LayerNorm in fp32; back to the stream's dtype at once, so that training does not keep
+        # fp32 copies of every normalised activation (a no-op at inference, where nothing is autocast)
+        h = torch.cat([ln(c).to(c.dtype) * (1 + c_scale) + c_shift, ln(x).to(x.dtype) * (1 + scale) + shift], dim=1)
         return h, gate, c_gate
 
     def attention(self, h, rope, n_text):
         B, N, D = h.shape
         q, k, v = self.qkv(h).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, d)
-        q, k = self.norm_q(q), self.norm_k(k)
+        q, k = self.norm_q(q).to(v.dtype), self.norm_k(k).to(v.dtype)
         if rope is not None:  # rotate the video tokens only; in place, as q and k are fresh norm outputs
             q[:, :, n_text:] = apply_rope(q[:, :, n_text:], *rope)
             k[:, :, n_text:] = apply_rope(k[:, :, n_text:], *rope)
@@ -273,6 +276,7 @@ class CogVideoXTransformer(nn.Module):
         self.norm_out_ln = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.proj_out = nn.Linear(d, cfg.out_channels * pt * cfg.patch_size**2)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
+        self.offload_activations = False  # training, with checkpointing: keep the block inputs in host memory
 
     def set_attention_backend(self, name: str) -> None:
         attention.get_backend(name)  # fail now, not mid-request
@@ -345,11 +349,17 @@ class CogVideoXTransformer(nn.Module):
             pos = pos.to(x.dtype)
             c, v = c + pos[:, :n_text], v + pos[:, self.cfg.max_text_seq_length:]
         # 3. Blocks
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                v, c = checkpoint(block, v, c, temb, rope, use_reentrant=False)
-            else:
-                v, c = block(v, c, temb, rope)
+        offload = self.offload_activations and self.gradient_checkpointing and torch.is_grad_enabled()
+        if offload and not v.requires_grad:
+            v = v.detach().requires_grad_()  # a reentrant checkpoint returns no gradient unless an input needs one
+        with torch.autograd.graph.save_on_cpu(pin_memory=v.is_cuda) if offload else contextlib.nullcontext():
+            for block in self.blocks:
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    # with offload, the reentrant variant saves each block's inputs through autograd's saved-tensor
+                    # hooks, which save_on_cpu moves to pinned host memory until the backward pass needs them
+                    v, c = checkpoint(block, v, c, temb, rope, use_reentrant=offload)
+                else:
+                    v, c = block(v, c, temb, rope)
         # 4. Final norm and adaLN
         shift, scale = self.norm_out(temb).unsqueeze(1).chunk(2, dim=-1)
         v = self.norm_out_ln(self.norm_final(v)) * (1 + scale) + shift

@@ -26,6 +26,8 @@ def add_train_parser(sub) -> None:
     t.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     t.add_argument("--mixed-precision", choices=["bf16", "no"], default="bf16")
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--offload-activations", action="store_true",
+                   help="with checkpointing, keep each block's inputs in host memory until backward")
     t.add_argument("--caption-dropout", type=float, default=0.0)
     t.add_argument("--checkpoint-every", type=int, default=500)
     t.add_argument("--validate-every", type=int, default=0)
@@ -53,6 +55,7 @@ def cmd_train(a) -> int:
                      lr=a.lr, weight_decay=a.weight_decay, warmup=a.warmup, lr_schedule=a.lr_schedule,
                      optimizer=a.optimizer,
                      mixed_precision=a.mixed_precision, gradient_checkpointing=a.gradient_checkpointing,
+                     offload_activations=a.offload_activations,
                      caption_dropout=a.caption_dropout, checkpoint_every=a.checkpoint_every,
                      validate_every=a.validate_every, validation_prompts=tuple(a.validation_prompt),
                      validation_images=tuple(a.validation_image), log_every=a.log_every, seed=a.seed,

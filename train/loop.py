@@ -44,6 +44,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | adamw8bit (torchao, CUDA)
     mixed_precision: str = "bf16"  # bf16 | no; bf16 autocast applies on CUDA only
     gradient_checkpointing: bool = False
+    offload_activations: bool = False  # with checkpointing: block inputs wait in pinned host memory (~4 GiB at 5B)
     caption_dropout: float = 0.0  # replace the prompt by "" so classifier-free guidance has an unconditional model
     image_dropout: float = 0.05
     checkpoint_every: int = 500
@@ -107,7 +108,7 @@ def train(tc: TrainConfig, transformer: CogVideoXTransformer | None = None) -> d
     rank, world = _setup_distributed()
     dev = torch.device(tc.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
                                      else "cpu"))
-    if dev.type == "cuda":
+    if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
     torch.manual_seed(tc.seed)  # the same on every rank: LoRA and scratch inits must agree across ranks
     out = Path(tc.out)
@@ -135,7 +136,8 @@ def train(tc: TrainConfig, transformer: CogVideoXTransformer | None = None) -> d
     else:
         raise ValueError(f"unknown method {tc.method!r}; use 'lora' or 'full'")
     model.train()
-    model.gradient_checkpointing = tc.gradient_checkpointing
+    model.gradient_checkpointing = tc.gradient_checkpointing or tc.offload_activations
+    model.offload_activations = tc.offload_activations
     params = [p for p in model.parameters() if p.requires_grad]
 
     wrapped = model

@@ -193,12 +193,14 @@ def _records(data: Path) -> list:
 
 
 def stage_lora(work: Path, n_videos: int, steps: int, batch: int, lr: float, rank: int,
-               seconds: float | None = None, workers: int = 8) -> dict:
+               seconds: float | None = None, workers: int = 8, base: Path | None = None) -> dict:
     """The demo LoRA: teach the trained model the held-out concepts (purple, star) from the "concept" split.
-    Writes work/demo_lora.safetensors; the base model in work/model is not changed."""
+    Writes work/demo_lora.safetensors; the base model in work/model (copied from `base` if missing) is not changed."""
     from train.loop import TrainConfig, train
     from train.precompute import precompute
     t_stage = time.time()
+    if base is not None and not (work / "model" / "model_index.json").is_file():
+        shutil.copytree(base, work / "model")
     records = _records(stage_data(work, n_videos, "concept"))
     precompute(records, work / "model", work / "latents_concept", f"{FRAMES}x{SIZE}x{SIZE}", device=_device(),
                workers=workers)
@@ -259,7 +261,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="train on the first N videos only")
     p.add_argument("--vae", default=None, help="transformer stage: a trained VAE folder to build on; "
                                                "vae stage: a trained VAE whose decoder alone is fine-tuned")
-    p.add_argument("--base", default=None, help="transformer stage: a whole trained model folder to continue")
+    p.add_argument("--base", default=None, help="transformer and lora stages: a whole trained model folder to "
+                                                "start from (copied into WORK/model if that is missing)")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     p.add_argument("--rank", type=int, default=32, help="lora stage")
     p.add_argument("--workers", type=int, default=8, help="threads decoding videos for precompute")
@@ -283,7 +286,8 @@ def main(argv=None):
                           vae=Path(a.vae) if a.vae else None, init=Path(a.init) if a.init else None,
                           lr_schedule=a.lr_schedule, workers=a.workers, base=Path(a.base) if a.base else None)
     elif a.stage == "lora":
-        stage_lora(work, a.videos, a.steps, a.batch, a.lr or 1e-3, a.rank, seconds=a.seconds, workers=a.workers)
+        stage_lora(work, a.videos, a.steps, a.batch, a.lr or 1e-3, a.rank, seconds=a.seconds, workers=a.workers,
+                   base=Path(a.base) if a.base else None)
     elif a.stage == "eval":
         res = stage_eval(Path(a.model) if a.model else work / "model", a.n, a.sample_steps, split=a.split,
                          lora=a.lora, out=work)
