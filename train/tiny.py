@@ -97,13 +97,16 @@ def stage_vae(work: Path, steps: int, batch: int, lr: float, kl: float, seconds:
             with torch.set_grad_enabled(init is None):
                 post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample.float()
-        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + kl * post.kl().mean()
+        if init is None:
+            loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + kl * post.kl().mean()
+        else:  # the decoder alone: plain MSE, which is what PSNR measures
+            loss = ((rec - x) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         done = max(step / steps, (time.time() - t0) / seconds if seconds else 0.0)
         for g in opt.param_groups:  # cosine decay to 10%, over the steps or the time budget
-            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
         opt.step()
         if step % 100 == 0 or step == steps - 1:
             log.append((step, loss.item()))
