@@ -70,7 +70,7 @@ def psnr(vae, clips: np.ndarray, device) -> float:
 
 
 def stage_vae(work: Path, steps: int, batch: int, lr: float, kl: float, seconds: float | None,
-              init: Path | None = None) -> dict:
+              init: Path | None = None, clip_frames: int = 9) -> dict:
     """Build the checkpoint skeleton and train its VAE; writes work/model (or work/vae_ft) and work/vae.json.
 
     `init`: a trained VAE folder whose decoder is fine-tuned alone. Its encoder, and so its latents and
@@ -87,7 +87,10 @@ def stage_vae(work: Path, steps: int, batch: int, lr: float, kl: float, seconds:
         vae.encoder.requires_grad_(False).eval()
         vae.quant_conv is None or vae.quant_conv.requires_grad_(False)
         trainable = [p for p in vae.parameters() if p.requires_grad]
-    pool = clip_pool(min(2048, max(64, steps * batch)), 100, 9, SIZE)  # 9-frame clips: the causal VAE sees 1 + 8 frames per window
+    # 9-frame clips are one encoder window (1 + 8 frames) and one decoder window. Longer clips go through the
+    # windowed path with its conv caches, which is how 49-frame videos are encoded and decoded: a VAE trained
+    # on 9 frames reconstructs 9-frame clips at 40 dB but 49-frame ones at 30 dB, so fine-tune on full clips.
+    pool = clip_pool(min(2048 if clip_frames <= 9 else 512, max(64, steps * batch)), 100, clip_frames, SIZE)
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(0)
     t0, log = time.time(), []
@@ -266,6 +269,7 @@ def main(argv=None):
                                                "vae stage: a trained VAE whose decoder alone is fine-tuned")
     p.add_argument("--base", default=None, help="transformer and lora stages: a whole trained model folder to "
                                                 "start from (copied into WORK/model if that is missing)")
+    p.add_argument("--clip-frames", type=int, default=9, help="vae stage: frames per training clip")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     p.add_argument("--rank", type=int, default=32, help="lora stage")
     p.add_argument("--workers", type=int, default=8, help="threads decoding videos for precompute")
@@ -283,7 +287,7 @@ def main(argv=None):
         print(stage_data(work, a.videos, a.split if a.split != "heldout" else "train"))
     elif a.stage == "vae":
         stage_vae(work, a.steps, a.batch, a.lr or 1e-3, kl=1e-6, seconds=a.seconds,
-                  init=Path(a.vae) if a.vae else None)
+                  init=Path(a.vae) if a.vae else None, clip_frames=a.clip_frames)
     elif a.stage == "transformer":
         stage_transformer(work, a.videos, a.steps, a.batch, a.lr or 5e-4, seconds=a.seconds, limit=a.limit,
                           vae=Path(a.vae) if a.vae else None, init=Path(a.init) if a.init else None,
