@@ -1,4 +1,4 @@
-"""The `cogrt` command: generate, info, random-checkpoint, and (from train/) precompute and train."""
+"""The `cogrt` command: generate, info, random-checkpoint, convert-lora, and (from train/) precompute and train."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("out")
     r.add_argument("--preset", default="tiny-5b")
     r.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("convert-lora", help="rewrite a LoRA with its scale in the standard header")
+    c.add_argument("src", help="a LoRA .safetensors: diffusers, finetrainers or SAT key names")
+    c.add_argument("out")
+    c.add_argument("--from", dest="convention", choices=["auto", "sat"], default="auto",
+                   help="sat: a SAT LoRA already renamed to diffusers keys (CogVideo's export script), scale 1/r")
 
     # The command line is the one place that spans layers: training commands come from train/.
     from train.cli import add_train_parser
@@ -120,6 +126,16 @@ def cmd_random(a) -> int:
     return 0
 
 
+def cmd_convert_lora(a) -> int:
+    from .lora import read_lora, write_lora
+    lf = read_lora(a.src, a.convention)
+    out = write_lora(a.out, lf)
+    scale = next(iter(lf.scales.values()))
+    print(f"wrote {out}: {len(lf.pairs)} modules, rank {lf.rank}, scale {scale:g} (from the {lf.convention} "
+          f"convention), now in the lora_adapter_metadata header that diffusers and cogrt read")
+    return 0
+
+
 def main(argv=None) -> int:
     from .loader import CheckpointError
     from .pipeline import OutOfMemory
@@ -129,7 +145,7 @@ def main(argv=None) -> int:
     try:
         from train.cli import cmd_precompute, cmd_train
         cmds = {"generate": cmd_generate, "info": cmd_info, "random-checkpoint": cmd_random, "train": cmd_train,
-                "precompute": cmd_precompute}
+                "precompute": cmd_precompute, "convert-lora": cmd_convert_lora}
         return cmds[a.cmd](a)
     except (CheckpointError, OutOfMemory, FileNotFoundError, ValueError, TypeError) as e:
         print(f"cogrt: error: {e}", file=sys.stderr)

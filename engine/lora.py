@@ -1,8 +1,14 @@
 """LoRA files → weight deltas fused into the transformer for one request, then restored.
 
 A diffusers-format LoRA has keys `transformer.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r).
-Its scale is alpha/r read from the `lora_adapter_metadata` header, exactly as diffusers' `load_lora_weights`
-applies it, or 1.0 when the header is absent; the request's weight multiplies that scale.
+The scale of each module's delta B @ A comes from the file, so that nobody passes a number by hand:
+  - `lora_adapter_metadata` header (diffusers, and our trainer): alpha / r, exactly as `load_lora_weights`;
+  - `lora_config` header (finetrainers): the same peft fields, alpha / r. diffusers ignores this header;
+  - SAT's own key names (`...attention.query_key_value.matrix_A.0`): SAT's LoRA has alpha 1, so 1 / r;
+  - none of these: 1.0, as diffusers does. A SAT LoRA exported to diffusers names by CogVideo's
+    `export_sat_lora_weight.py` looks like this but needs 1 / r: read it with convention="sat", or write the
+    header once with `cogrt convert-lora --from sat`, after which diffusers gets it right too.
+The request's weight multiplies that scale.
 """
 from __future__ import annotations
 
@@ -20,10 +26,18 @@ class LoraFile:
     path: str
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # diffusers module name -> (A (r, in), B (out, r))
     scales: dict[str, float]  # module name -> alpha / r
+    convention: str = "diffusers"  # where the scales came from: diffusers | finetrainers | sat | none (1.0)
 
     @property
     def rank(self) -> int:
         return max(a.shape[0] for a, _ in self.pairs.values())
+
+
+CONVENTIONS = ("auto", "diffusers", "sat")
+# SAT's names inside one transformer layer -> (diffusers module, A or B)
+_SAT = {f"attention.query_key_value.matrix_{m}.{j}": (f"attn1.to_{'qkv'[j]}", f"lora_{m}")
+        for m in "AB" for j in range(3)}
+_SAT.update({f"attention.dense.matrix_{m}.0": ("attn1.to_out.0", f"lora_{m}") for m in "AB"})
 
 
 def _pattern_value(module: str, patterns: dict, default):
@@ -34,8 +48,36 @@ def _pattern_value(module: str, patterns: dict, default):
     return default
 
 
-def read_lora(path: str | Path) -> LoraFile:
+def _sat_pairs(sd: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """`[model.diffusion_model.]transformer.layers.{i}.<SAT name>` -> diffusers module names."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in sd.items():
+        head, sep, tail = k.partition("transformer.layers.")
+        idx, _, name = tail.partition(".")
+        if sep and idx.isdigit() and name in _SAT:
+            module, part = _SAT[name]
+            pairs.setdefault(f"transformer_blocks.{idx}.{module}", {})[part] = t
+    return pairs
+
+
+def _diffusers_pairs(sd: dict) -> dict[str, dict[str, torch.Tensor]]:
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in sd.items():
+        if not k.startswith("transformer."):
+            continue
+        for part in ("lora_A", "lora_B"):
+            tag = f".{part}.weight"
+            if k.endswith(tag):
+                pairs.setdefault(k[len("transformer."):-len(tag)], {})[part] = t
+    return pairs
+
+
+def read_lora(path: str | Path, convention: str = "auto") -> LoraFile:
+    """Read a LoRA file and the scale of each module (see the module docstring). `convention="sat"` forces
+    SAT's 1 / r for a file whose keys were renamed to diffusers' without a header."""
     from safetensors import safe_open
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown LoRA convention {convention!r}; use one of {CONVENTIONS}")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"LoRA file not found: {path}")
@@ -45,32 +87,66 @@ def read_lora(path: str | Path) -> LoraFile:
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"corrupt or unreadable LoRA file {path}: {e}") from e
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for k, t in sd.items():
-        if not k.startswith("transformer."):
-            continue
-        for part in ("lora_A", "lora_B"):
-            tag = f".{part}.weight"
-            if k.endswith(tag):
-                pairs.setdefault(k[len("transformer."):-len(tag)], {})[part] = t
+    pairs = _sat_pairs(sd)
+    sat_names = bool(pairs)
+    if not sat_names:
+        pairs = _diffusers_pairs(sd)
     if not pairs:
-        raise CheckpointError(f"{path} has no 'transformer.*.lora_A/B.weight' keys; found e.g. {sorted(sd)[:3]}")
+        raise CheckpointError(f"{path} has no 'transformer.*.lora_A/B.weight' keys (nor SAT's "
+                              f"'transformer.layers.*.matrix_A/B.*'); found e.g. {sorted(sd)[:3]}")
     broken = [m for m, p in pairs.items() if len(p) != 2]
     if broken:
         raise CheckpointError(f"{path}: lora_A without lora_B (or the reverse) for {broken[:3]}")
-    cfg = {}
-    if "lora_adapter_metadata" in meta:
+
+    cfg, found = {}, "none"
+    if sat_names or convention == "sat":
+        found = "sat"
+    elif "lora_adapter_metadata" in meta:
         raw = json.loads(meta["lora_adapter_metadata"])
-        cfg = {k[len("transformer."):]: v for k, v in raw.items() if k.startswith("transformer.")}
+        cfg, found = {k[len("transformer."):]: v for k, v in raw.items() if k.startswith("transformer.")}, "diffusers"
+    elif "lora_config" in meta:
+        cfg, found = json.loads(meta["lora_config"]), "finetrainers"  # a peft LoraConfig, unprefixed
     scales = {}
     for m, p in pairs.items():
         r = p["lora_A"].shape[0]
-        if "lora_alpha" in cfg:
+        if found == "sat":
+            scales[m] = 1.0 / r
+        elif "lora_alpha" in cfg:
             r_m = _pattern_value(m, cfg.get("rank_pattern"), cfg.get("r", r))
             scales[m] = _pattern_value(m, cfg.get("alpha_pattern"), cfg["lora_alpha"]) / r_m
         else:
             scales[m] = 1.0
-    return LoraFile(str(path), {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}, scales)
+    return LoraFile(str(path), {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}, scales, found)
+
+
+def save_lora_file(path: str | Path, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], r: int,
+                   alpha: float) -> Path:
+    """Write diffusers LoRA keys for `pairs` (module -> (A, B)) with a `lora_adapter_metadata` header
+    holding r and alpha, so that our engine and diffusers' `load_lora_weights` both apply alpha / r."""
+    from safetensors.torch import save_file
+
+    from .video import atomic_write
+    sd = {}
+    for m, (a, b) in pairs.items():
+        sd[f"transformer.{m}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+        sd[f"transformer.{m}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+    targets = sorted({m.split(".", 2)[2].removeprefix("attn1.") for m in pairs})
+    meta = {"transformer.r": r, "transformer.lora_alpha": alpha, "transformer.target_modules": targets,
+            "transformer.init_lora_weights": True, "transformer.use_dora": False, "transformer.use_rslora": False}
+    header = {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=header))
+
+
+def write_lora(path: str | Path, lf: LoraFile) -> Path:
+    """`lf` re-written with its scale in the standard header (e.g. a SAT LoRA: alpha 1). Every module must
+    share one rank and one scale, since one header describes them all."""
+    ranks = {a.shape[0] for a, _ in lf.pairs.values()}
+    scales = set(lf.scales.values())
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ValueError(f"{lf.path}: modules differ in rank {sorted(ranks)} or scale {sorted(scales)}; "
+                         "one header cannot describe them")
+    r = ranks.pop()
+    return save_lora_file(path, lf.pairs, r, scales.pop() * r)
 
 
 class FusedLoras:

@@ -1,5 +1,7 @@
 """The bundled tiny model: small enough for the repository, and the CLI's default model."""
 import numpy as np
+import pytest
+import torch
 
 from engine import cli
 from engine.loader import inspect_checkpoint
@@ -20,3 +22,32 @@ def test_generate_without_model_uses_the_bundled_one(tmp_path):
     assert rc == 0
     frames = np.load(npy)
     assert frames.shape == (9, 64, 64, 3) and frames.std() > 5  # a real picture, not a flat field
+
+
+# Quality, on the CPU, at the model's trained size: a few of the measured held-out prompts (bench/RESULTS.md has
+# the 50-prompt numbers). The model has never seen these (colour, shape, direction, background) combinations.
+QUALITY = dict(num_frames=49, height=128, width=128, num_inference_steps=30, guidance_scale=6.0)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from engine.pipeline import load_pipeline
+    return load_pipeline(cli.BUNDLED_MODEL, device="cpu", dtype=torch.float32)
+
+
+def test_bundled_model_follows_held_out_prompts(bundled):
+    from bench.adherence import score
+    from train.synthetic import caption, sample_scenes
+    scenes = sample_scenes(50, 7, "heldout")[:4]  # the eval's first prompts and seeds
+    pairs = [(sc, bundled.generate(caption(sc), seed=i, **QUALITY).frames) for i, sc in enumerate(scenes)]
+    res = score(pairs)
+    assert res["color"] >= 0.75 and res["direction"] >= 0.75, res
+
+
+def test_demo_lora_teaches_purple(bundled):
+    from bench.adherence import detect
+    prompt = "a purple square moving left on a black background"
+    lora = cli.BUNDLED_MODEL.parent / "cogrt-tiny-concepts-lora" / "pytorch_lora_weights.safetensors"
+    base = detect(bundled.generate(prompt, seed=0, **QUALITY).frames)
+    taught = detect(bundled.generate(prompt, seed=0, loras=[(lora, 1.0)], **QUALITY).frames)
+    assert base.color != "purple" and taught.color == "purple", (base, taught)

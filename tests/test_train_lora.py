@@ -51,17 +51,77 @@ def test_base_state_dict_is_the_untouched_base(checkpoint):
 
 @pytest.mark.parametrize("r,alpha", [(4, 4.0), (4, 12.0)])
 def test_trained_lora_matches_diffusers_load_lora_weights(checkpoint, tmp_path, r, alpha):
-    from diffusers import CogVideoXPipeline
     root = checkpoint("5b")
     path = save_lora(tmp_path / "pytorch_lora_weights.safetensors", trained_lora_model(root, r, alpha, seed=4))
     pipe = engine.load_pipeline(root, device="cpu", dtype=torch.float32)
     ours = pipe.generate("a red circle moving right", seed=5, loras=[(path, 1.0)], **REQ).frames
     plain = pipe.generate("a red circle moving right", seed=5, **REQ).frames
-    ref = CogVideoXPipeline.from_pretrained(root)
-    ref.set_progress_bar_config(disable=True)
-    ref.load_lora_weights(path)  # no scale passed: the header's alpha/r must be applied by itself
-    out = ref("a red circle moving right", generator=torch.Generator("cpu").manual_seed(5), output_type="np",
-              **REQ).frames[0]
-    ref_frames = (np.asarray(out) * 255).round().astype(np.uint8)
+    ref_frames = diffusers_frames(root, path)
     assert np.abs(ours.astype(int) - ref_frames.astype(int)).max() <= 1
     assert np.abs(ours.astype(int) - plain.astype(int)).max() > 5  # the LoRA does something
+
+
+def diffusers_frames(root, lora_path):
+    from diffusers import CogVideoXPipeline
+    ref = CogVideoXPipeline.from_pretrained(root)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(lora_path)  # no scale passed: only the file's header speaks
+    out = ref("a red circle moving right", generator=torch.Generator("cpu").manual_seed(5), output_type="np",
+              **REQ).frames[0]
+    return (np.asarray(out) * 255).round().astype(np.uint8)
+
+
+def rewrite(src, dst, rename=lambda k: k, metadata=None):
+    from safetensors.torch import load_file, save_file
+    save_file({rename(k): v for k, v in load_file(str(src)).items()}, str(dst), metadata=metadata or {"format": "pt"})
+    return dst
+
+
+def sat_name(key: str) -> str:
+    """transformer.transformer_blocks.3.attn1.to_k.lora_A.weight -> SAT's
+    model.diffusion_model.transformer.layers.3.attention.query_key_value.matrix_A.1"""
+    _, _, i, _, module, part = key.replace("to_out.0", "to_out").split(".")[:6]
+    j = {"to_q": 0, "to_k": 1, "to_v": 2, "to_out": 0}[module]
+    where = "dense" if module == "to_out" else "query_key_value"
+    return f"model.diffusion_model.transformer.layers.{i}.attention.{where}.matrix_{part[-1]}.{j}"
+
+
+def test_sat_loras_get_scale_one_over_r(checkpoint, tmp_path):
+    """SAT's LoRA has alpha 1. Its own key names are recognised; a file renamed to diffusers keys by CogVideo's
+    export script carries no header, and `cogrt convert-lora --from sat` writes the header that diffusers needs."""
+    from engine import cli
+    root = checkpoint("5b")
+    r = 4
+    ref_path = save_lora(tmp_path / "ref.safetensors", trained_lora_model(root, r, 1.0, seed=4))  # scale 1/r
+    ref = diffusers_frames(root, ref_path)
+    pipe = engine.load_pipeline(root, device="cpu", dtype=torch.float32)
+    plain = pipe.generate("a red circle moving right", seed=5, **REQ).frames
+
+    native = rewrite(ref_path, tmp_path / "sat_native.safetensors", sat_name)
+    lf = read_lora(native)
+    assert lf.convention == "sat" and set(lf.scales.values()) == {1 / r} and len(lf.pairs) == 4 * 2  # 2 layers
+    ours = pipe.generate("a red circle moving right", seed=5, loras=[(native, 1.0)], **REQ).frames
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+    assert np.abs(ours.astype(int) - plain.astype(int)).max() > 5
+
+    exported = rewrite(ref_path, tmp_path / "sat_exported.safetensors")  # diffusers keys, no header
+    assert set(read_lora(exported).scales.values()) == {1.0}  # what diffusers would do: too strong by r
+    assert set(read_lora(exported, convention="sat").scales.values()) == {1 / r}
+    assert cli.main(["convert-lora", str(exported), str(tmp_path / "fixed.safetensors"), "--from", "sat"]) == 0
+    assert np.abs(diffusers_frames(root, tmp_path / "fixed.safetensors").astype(int) - ref.astype(int)).max() <= 1
+    ours = pipe.generate("a red circle moving right", seed=5, loras=[(tmp_path / "fixed.safetensors", 1.0)],
+                         **REQ).frames
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_finetrainers_lora_config_header_gives_alpha_over_r(checkpoint, tmp_path):
+    import json
+    root = checkpoint("5b")
+    ref_path = save_lora(tmp_path / "ref.safetensors", trained_lora_model(root, 4, 12.0, seed=4))  # scale 3
+    ft = rewrite(ref_path, tmp_path / "finetrainers.safetensors", metadata={"format": "pt", "lora_config": json.dumps(
+        {"r": 4, "lora_alpha": 12, "init_lora_weights": True, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]})})
+    lf = read_lora(ft)
+    assert lf.convention == "finetrainers" and set(lf.scales.values()) == {3.0}
+    pipe = engine.load_pipeline(root, device="cpu", dtype=torch.float32)
+    ours = pipe.generate("a red circle moving right", seed=5, loras=[(ft, 1.0)], **REQ).frames
+    assert np.abs(ours.astype(int) - diffusers_frames(root, ref_path).astype(int)).max() <= 1

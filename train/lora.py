@@ -8,7 +8,6 @@ The scale alpha/r goes into the file's `lora_adapter_metadata` header, so neithe
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from engine.loader import engine_name, qkv_rows
-from engine.video import atomic_write
+from engine.lora import save_lora_file
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 _SUFFIX = {"to_q": "attn1.to_q", "to_k": "attn1.to_k", "to_v": "attn1.to_v", "to_out.0": "attn1.to_out.0",
@@ -83,25 +82,10 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
 
 
-def lora_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+def save_lora(path: str | os.PathLike, model: nn.Module) -> Path:
+    """Write `pytorch_lora_weights.safetensors` (atomically) with the alpha/r header diffusers reads."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers")
-    sd, targets = {}, set()
-    for layer in layers:
-        for name, a, b in zip(layer.names, layer.lora_A, layer.lora_B):
-            sd[f"transformer.{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
-            sd[f"transformer.{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
-            targets.add(name.split(".", 2)[2].removeprefix("attn1."))
-    r, alpha = layers[0].r, layers[0].alpha
-    meta = {"transformer.r": r, "transformer.lora_alpha": alpha, "transformer.target_modules": sorted(targets),
-            "transformer.init_lora_weights": True, "transformer.use_dora": False, "transformer.use_rslora": False}
-    return sd, meta
-
-
-def save_lora(path: str | os.PathLike, model: nn.Module) -> Path:
-    """Write `pytorch_lora_weights.safetensors` (atomically) with the alpha/r header diffusers reads."""
-    from safetensors.torch import save_file
-    sd, meta = lora_state_dict(model)
-    header = {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)}
-    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=header))
+    pairs = {name: (a, b) for layer in layers for name, a, b in zip(layer.names, layer.lora_A, layer.lora_B)}
+    return save_lora_file(path, pairs, layers[0].r, layers[0].alpha)

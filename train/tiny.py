@@ -257,7 +257,7 @@ def package(work: Path, dest: Path) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["data", "vae", "transformer", "lora", "eval", "package"])
+    p.add_argument("stage", choices=["data", "vae", "transformer", "lora", "eval", "psnr", "package"])
     p.add_argument("--work", default=".cache/tiny")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=16)
@@ -299,6 +299,11 @@ def main(argv=None):
         res = stage_eval(Path(a.model) if a.model else work / "model", a.n, a.sample_steps, split=a.split,
                          lora=a.lora, out=work)
         (work / f"eval_{a.split}.json").write_text(json.dumps(res, indent=1))
+    elif a.stage == "psnr":  # the VAE alone: 12 held-out clips of --clip-frames frames
+        from diffusers import AutoencoderKLCogVideoX
+        vae = AutoencoderKLCogVideoX.from_pretrained(Path(a.model or work / "model") / "vae", torch_dtype=torch.float32)
+        db = psnr(vae.to(_device()).eval(), _clips(12, 999, a.clip_frames, SIZE, "heldout"), _device())
+        print(json.dumps({"psnr_db": db, "clip_frames": a.clip_frames, "clips": 12}))
     else:
         print(package(work, Path(a.dest)))
 
