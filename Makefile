@@ -14,8 +14,8 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
-		echo "no nvidia-smi: installing the CPU build of torch"; \
-		$(PY) -m pip install -q torch==2.13.0; \
+		echo "no nvidia-smi: installing the CPU build of torch (and the Triton its kernel tests interpret)"; \
+		$(PY) -m pip install -q torch==2.13.0 triton==3.6.0; \
 	fi
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)

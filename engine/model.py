@@ -226,6 +226,7 @@ class Block(nn.Module):
         self.ff1 = nn.Linear(d, 4 * d)
         self.ff2 = nn.Linear(4 * d, d)
         self.attn_backend = "sdpa"
+        self.fused_norms = False  # inference through kernels/ (set by CogVideoXTransformer.set_fused_norms)
 
     def modulate(self, ln, mod, x, c):
         """LayerNorm both streams, scale/shift them, and join them as [text; video]."""
@@ -246,6 +247,8 @@ class Block(nn.Module):
         return self.out(o.transpose(1, 2).reshape(B, N, D))
 
     def forward(self, x, c, temb, rope=None):
+        if self.fused_norms and not torch.is_grad_enabled():
+            return self.forward_fused(x, c, temb, rope)
         n = c.shape[1]
         h, gate, c_gate = self.modulate(self.ln1, self.norm1(temb), x, c)
         a = self.attention(h, rope, n)
@@ -253,6 +256,29 @@ class Block(nn.Module):
         h, gate, c_gate = self.modulate(self.ln2, self.norm2(temb), x, c)
         f = self.ff2(F.gelu(self.ff1(h), approximate="tanh"))
         return x + gate * f[:, n:], c + c_gate * f[:, :n]
+
+
+    def forward_fused(self, x, c, temb, rope=None):
+        """The same block through the Triton kernels (kernels/): fused adaLN, the QK prologue and the gated
+        residuals. Inference only; the kernels have no backward."""
+        from kernels import adaln, qk
+        B, n, D = c.shape[0], c.shape[1], c.shape[2]
+        N = n + x.shape[1]
+        x, c = x.contiguous(), c.contiguous()
+        mod = self.norm1(temb).contiguous()  # (B, 6D): the kernels index shift/scale/gate inside it
+        h = adaln.adaln_modulate(x, c, self.ln1.weight, self.ln1.bias, mod, self.ln1.eps)
+        qkv = self.qkv(h)  # (B, N, 3D)
+        cos, sin = rope if rope is not None else (None, None)
+        q, k = qk.qk_norm_rope(qkv, self.heads, n, self.norm_q.weight, self.norm_q.bias, self.norm_k.weight,
+                               self.norm_k.bias, cos, sin, self.norm_q.eps)
+        v = qkv.view(B, N, 3, self.heads, -1)[:, :, 2].transpose(1, 2)  # (B, H, N, d), a strided view
+        o = attention.attend(q, k, v, self.attn_backend)
+        a = self.out(o.transpose(1, 2).reshape(B, N, D))
+        x, c = adaln.gated_residual(x, c, a, mod)
+        mod = self.norm2(temb).contiguous()
+        h = adaln.adaln_modulate(x, c, self.ln2.weight, self.ln2.bias, mod, self.ln2.eps)
+        f = self.ff2(F.gelu(self.ff1(h), approximate="tanh"))
+        return adaln.gated_residual(x, c, f, mod)
 
 
 class CogVideoXTransformer(nn.Module):
@@ -282,6 +308,15 @@ class CogVideoXTransformer(nn.Module):
         attention.get_backend(name)  # fail now, not mid-request
         for b in self.blocks:
             b.attn_backend = name
+
+    def set_fused_norms(self, on: bool = True) -> None:
+        """Switch the blocks' norm, modulation, QK prologue and residual passes to the Triton kernels
+        (inference only: with gradients enabled the native path runs)."""
+        if on:
+            import kernels.adaln  # noqa: F401  (fail now if Triton is missing, not mid-request)
+            import kernels.qk  # noqa: F401
+        for b in self.blocks:
+            b.fused_norms = on
 
     def grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         """Token grid (t, h, w) for a latent of `frames` x `height` x `width`."""

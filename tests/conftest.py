@@ -1,8 +1,13 @@
 """Shared fixtures: tiny random checkpoints of every CogVideoX variant, written once per session."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.random_model import tiny_config, write_random_checkpoint
 
