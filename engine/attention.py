@@ -22,14 +22,23 @@ def register(name: str):
     return deco
 
 
+# backends that live in kernels/, imported the first time they are asked for: name -> (module, needed package)
+_LAZY = {"triton": ("kernels.attention", "triton")}
+
+
 def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS and name in _LAZY:
+        import importlib
+        importlib.import_module(_LAZY[name][0])  # registers itself
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")
     return _BACKENDS[name]
 
 
 def available() -> list[str]:
-    return sorted(_BACKENDS)
+    """Registered backends, and those in kernels/ whose package is installed."""
+    from importlib.util import find_spec
+    return sorted(set(_BACKENDS) | {n for n, (_, pkg) in _LAZY.items() if find_spec(pkg) is not None})
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
