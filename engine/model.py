@@ -257,12 +257,11 @@ class Block(nn.Module):
         f = self.ff2(F.gelu(self.ff1(h), approximate="tanh"))
         return x + gate * f[:, n:], c + c_gate * f[:, :n]
 
-
     def forward_fused(self, x, c, temb, rope=None):
         """The same block through the Triton kernels (kernels/): fused adaLN, the QK prologue and the gated
         residuals. Inference only; the kernels have no backward."""
         from kernels import adaln, qk
-        B, n, D = c.shape[0], c.shape[1], c.shape[2]
+        B, n, D = c.shape
         N = n + x.shape[1]
         x, c = x.contiguous(), c.contiguous()
         mod = self.norm1(temb).contiguous()  # (B, 6D): the kernels index shift/scale/gate inside it

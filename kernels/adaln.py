@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import alloc
+
 
 @triton.jit
 def _adaln_modulate_kernel(x_ptr, c_ptr, w_ptr, b_ptr, mod_ptr, out_ptr, N, n_text, D, eps,
@@ -61,11 +63,6 @@ def _gated_residual_kernel(x_ptr, c_ptr, a_ptr, mod_ptr, x_out, c_out, N, n_text
     tl.store(dst + cols, (x + gate * a).to(dst.dtype.element_ty), mask=m)
 
 
-def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """Output allocation; tests swap in a NaN-filled one, so that an element a kernel fails to write shows."""
-    return torch.empty(shape, device=like.device, dtype=like.dtype)
-
-
 def _check(x, c, mod):
     if not (x.is_contiguous() and c.is_contiguous() and mod.is_contiguous()):
         raise ValueError("adaln kernels need contiguous x, c and mod")
@@ -80,7 +77,7 @@ def adaln_modulate(x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor | None
     _check(x, c, mod)
     B, Nv, D = x.shape
     Nt = c.shape[1]
-    out = _empty((B, Nt + Nv, D), x)
+    out = alloc.empty((B, Nt + Nv, D), x)
     affine = weight is not None
     _adaln_modulate_kernel[(B * (Nt + Nv),)](x, c, weight if affine else x, bias if affine else x, mod, out,
                                             Nt + Nv, Nt, D, eps, HAS_AFFINE=affine,
@@ -103,7 +100,7 @@ def gated_residual(x: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
     Nt = c.shape[1]
     if a.shape != (B, Nt + Nv, D) or not a.is_contiguous():
         raise ValueError(f"a must be a contiguous ({B}, {Nt + Nv}, {D}) tensor, got {tuple(a.shape)}")
-    x_out, c_out = _empty(x.shape, x), _empty(c.shape, c)
+    x_out, c_out = alloc.empty(x.shape, x), alloc.empty(c.shape, c)
     _gated_residual_kernel[(B * (Nt + Nv),)](x, c, a, mod, x_out, c_out, Nt + Nv, Nt, D,
                                             BLOCK=triton.next_power_of_2(D))
     return x_out, c_out

@@ -14,6 +14,8 @@ import triton.language as tl
 
 from engine import attention
 
+from . import alloc
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -55,11 +57,6 @@ def _flash_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, N, H, qk_scale,
              mask=row_ok[:, None])
 
 
-def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """Output allocation; tests swap in a NaN-filled one, so that an element the kernel fails to write shows."""
-    return torch.empty(shape, device=like.device, dtype=like.dtype)
-
-
 @torch.library.custom_op("cogrt::flash_attention", mutates_args=())
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ/√d) v for q, k, v (B, H, N, d), any strides with a unit last stride; out (B, H, N, d)."""
@@ -70,7 +67,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    o = _empty((B, H, N, d), q)
+    o = alloc.empty((B, H, N, d), q)
     # block sizes: 128 x 64 tiles for Hopper (to be tuned with bench/kernels.py); small ones keep the
     # interpreter quick
     bm, bn = (32, 32) if _INTERPRET else (128, 64)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import alloc
+
 
 @triton.jit
 def _qk_norm_rope_kernel(qkv_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, cos_ptr, sin_ptr, q_out, k_out,
@@ -49,11 +51,6 @@ def _qk_norm_rope_kernel(qkv_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, cos_ptr, sin_p
     tl.store(dst + 2 * i + 1, yo.to(out.dtype.element_ty))
 
 
-def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """Output allocation; tests swap in a NaN-filled one, so that an element the kernel fails to write shows."""
-    return torch.empty(shape, device=like.device, dtype=like.dtype)
-
-
 @torch.library.custom_op("cogrt::qk_norm_rope", mutates_args=())
 def qk_norm_rope(qkv: torch.Tensor, heads: int, n_text: int, wq: torch.Tensor, bq: torch.Tensor,
                  wk: torch.Tensor, bk: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
@@ -67,7 +64,7 @@ def qk_norm_rope(qkv: torch.Tensor, heads: int, n_text: int, wq: torch.Tensor, b
     if rope and (cos.shape != (N - n_text, d) or sin.shape != cos.shape or cos.dtype != torch.float32
                  or not (cos.is_contiguous() and sin.is_contiguous())):
         raise ValueError(f"RoPE tables must be contiguous fp32 ({N - n_text}, {d}), got {tuple(cos.shape)}")
-    q, k = _empty((B, heads, N, d), qkv), _empty((B, heads, N, d), qkv)
+    q, k = alloc.empty((B, heads, N, d), qkv), alloc.empty((B, heads, N, d), qkv)
     _qk_norm_rope_kernel[(B * N, heads, 2)](qkv, wq, bq, wk, bk, cos if rope else qkv, sin if rope else qkv, q, k,
                                             N, n_text, heads, eps, HEAD_DIM=d, HAS_ROPE=rope)
     return q, k

@@ -23,6 +23,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def poison_kernel_outputs(monkeypatch):
+    """Kernel outputs start as NaN, so that an element a kernel fails to write fails the test."""
+    from kernels import alloc
+    monkeypatch.setattr(alloc, "empty", lambda shape, like: torch.full(shape, float("nan"), device=like.device,
+                                                                        dtype=like.dtype))
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint("5b") -> Path of a tiny-5b checkpoint in the diffusers layout (written once per session)."""

@@ -7,15 +7,11 @@ from kernels import attention as fa  # noqa: E402
 
 from engine import attention  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+from tests.kernel_cases import DEV, DTYPES  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
+
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    monkeypatch.setattr(fa, "_empty", lambda shape, like: torch.full(shape, float("nan"), device=like.device,
-                                                                      dtype=like.dtype))
 
 
 def qkv(B, H, N, d, dtype, seed=0):

@@ -85,7 +85,8 @@ def stage_vae(work: Path, steps: int, batch: int, lr: float, kl: float, seconds:
     else:
         vae = AutoencoderKLCogVideoX.from_pretrained(init, torch_dtype=torch.float32).to(dev).train()
         vae.encoder.requires_grad_(False).eval()
-        vae.quant_conv is None or vae.quant_conv.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
         trainable = [p for p in vae.parameters() if p.requires_grad]
     # 9-frame clips are one encoder window (1 + 8 frames) and one decoder window. Longer clips go through the
     # windowed path with its conv caches, which is how 49-frame videos are encoded and decoded: a VAE trained
@@ -155,14 +156,13 @@ def stage_transformer(work: Path, n_videos: int, steps: int, batch: int, lr: flo
     """Synthetic mp4s → precomputed latents → full training; the result goes into work/model.
 
     `vae`: a trained VAE folder to use (else work/model must exist from the vae stage). `init`: a
-    transformer folder to continue training from (else from scratch). `seconds` bounds the whole stage.
+    transformer folder to continue training from (else from scratch, or, when work/run holds checkpoints,
+    resumed exactly from the latest). `base`: a whole trained model folder (e.g. the bundled one) to
+    continue from, VAE and T5 included. `seconds` bounds the whole stage.
     """
     from train.loop import TrainConfig, train
-    from train.precompute import precompute
     t_stage = time.time()
-    model = work / "model"
-    if base is not None and not (model / "model_index.json").is_file():
-        shutil.copytree(base, model)
+    model = _model_from(work, base)
     if vae is not None and not (model / "model_index.json").is_file():
         write_random_checkpoint(model, CONFIG, seed=0, vae_channels=VAE_CHANNELS, t5_layers=2, scheduler="ddim")
         shutil.rmtree(model / "vae")
@@ -170,17 +170,15 @@ def stage_transformer(work: Path, n_videos: int, steps: int, batch: int, lr: flo
     if init is not None:
         shutil.rmtree(model / "transformer")
         shutil.copytree(init, model / "transformer")
-    records = _records(stage_data(work, n_videos, split))[:limit]
     t0 = time.time()
-    precompute(records, work / "model", work / f"latents_{split}", f"{FRAMES}x{SIZE}x{SIZE}", device=_device(),
-               workers=workers)
+    latents = _latents(work, n_videos, split, workers, limit)
     t_pre = time.time() - t0
     left = seconds - (time.time() - t_stage) - 20 if seconds else None  # 20 s for the export
     print(f"precompute took {t_pre:.0f}s; training for {left or steps} {'s' if left else 'steps'}", flush=True)
-    res = train(TrainConfig(model=str(work / "model"), data=str(work / f"latents_{split}"), out=str(work / "run"),
-                            method="full", from_scratch=init is None and base is None, steps=steps, batch_size=batch, lr=lr,
-                            warmup=200, lr_schedule=lr_schedule, weight_decay=0.01, caption_dropout=0.1, checkpoint_every=1000,
-                            log_every=100, time_limit=left, cache_latents=True))
+    res = train(TrainConfig(model=str(model), data=str(latents), out=str(work / "run"), method="full",
+                            from_scratch=init is None and base is None, steps=steps, batch_size=batch, lr=lr,
+                            warmup=200, lr_schedule=lr_schedule, weight_decay=0.01, caption_dropout=0.1,
+                            checkpoint_every=1000, log_every=100, time_limit=left, cache_latents=True))
     shutil.rmtree(work / "model" / "transformer")
     shutil.copytree(work / "run" / "transformer", work / "model" / "transformer")
     out = dict(precompute_s=t_pre, train_s=time.time() - t0 - t_pre, steps=res["steps"], history=res["history"])
@@ -188,14 +186,26 @@ def stage_transformer(work: Path, n_videos: int, steps: int, batch: int, lr: flo
     return out
 
 
-def _records(data: Path) -> list:
+def _model_from(work: Path, base: Path | None) -> Path:
+    """work/model, copied from `base` (a whole model folder) the first time."""
+    model = work / "model"
+    if base is not None and not (model / "model_index.json").is_file():
+        shutil.copytree(base, model)
+    return model
+
+
+def _latents(work: Path, n_videos: int, split: str, workers: int, limit: int | None = None) -> Path:
+    """The split's synthetic mp4s (written if missing), precomputed with work/model into work/latents_<split>."""
     from train.data import Record
+    from train.precompute import precompute
     records = []
-    for shard in sorted(data.glob("shard*")):
+    for shard in sorted(stage_data(work, n_videos, split).glob("shard*")):
         caps = (shard / "prompts.txt").read_text().splitlines()
         vids = (shard / "videos.txt").read_text().splitlines()
         records += [Record(c, shard / v) for c, v in zip(caps, vids)]
-    return records
+    out = work / f"latents_{split}"
+    precompute(records[:limit], work / "model", out, f"{FRAMES}x{SIZE}x{SIZE}", device=_device(), workers=workers)
+    return out
 
 
 def stage_lora(work: Path, n_videos: int, steps: int, batch: int, lr: float, rank: int,
@@ -203,16 +213,12 @@ def stage_lora(work: Path, n_videos: int, steps: int, batch: int, lr: float, ran
     """The demo LoRA: teach the trained model the held-out concepts (purple, star) from the "concept" split.
     Writes work/demo_lora.safetensors; the base model in work/model (copied from `base` if missing) is not changed."""
     from train.loop import TrainConfig, train
-    from train.precompute import precompute
     t_stage = time.time()
-    if base is not None and not (work / "model" / "model_index.json").is_file():
-        shutil.copytree(base, work / "model")
-    records = _records(stage_data(work, n_videos, "concept"))
-    precompute(records, work / "model", work / "latents_concept", f"{FRAMES}x{SIZE}x{SIZE}", device=_device(),
-               workers=workers)
+    model = _model_from(work, base)
+    latents = _latents(work, n_videos, "concept", workers)
     left = seconds - (time.time() - t_stage) - 10 if seconds else None
-    res = train(TrainConfig(model=str(work / "model"), data=str(work / "latents_concept"), out=str(work / "lora_run"),
-                            method="lora", rank=rank, alpha=float(rank), targets=LORA_TARGETS, steps=steps,
+    res = train(TrainConfig(model=str(model), data=str(latents), out=str(work / "lora_run"), method="lora",
+                            rank=rank, alpha=float(rank), targets=LORA_TARGETS, steps=steps,
                             batch_size=batch, lr=lr, warmup=100, lr_schedule="cosine", weight_decay=0.0,
                             caption_dropout=0.1, checkpoint_every=500, log_every=100, time_limit=left,
                             cache_latents=True))
