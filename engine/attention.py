@@ -1,7 +1,15 @@
 """Attention backends: a name → function registry that the model's blocks call through.
 
 Every backend computes softmax(q kᵀ / √d) v over the whole joint sequence (non-causal, no mask) with
-q, k, v of shape (B, H, N, d). `sdpa` is the default; the kernels package registers its Triton backends here.
+q, k, v of shape (B, H, N, d).
+
+- `sdpa` (the default; cuDNN first on the GPU), `sdpa-flash`, `sdpa-math` (the reference): PyTorch's own.
+- `triton` (bf16/fp16) and `triton-fp8` (int8 Q·Kᵀ, fp8 P·V): ours, in kernels/attention.py, imported
+  the first time they are asked for.
+- `sage` (the `sageattention` package) and `flash-attn` (the `flash_attn` package): where installed.
+- `auto`: on a GPU, the fastest of the full-precision backends (sdpa, triton, flash-attn) whose output
+  stays within 1e-2 of sdpa's, timed once per shape at its first call; elsewhere sdpa. The low-precision
+  ones are never picked by `auto`: they are chosen by name, by the fp8 mode.
 """
 from __future__ import annotations
 
@@ -22,14 +30,20 @@ def register(name: str):
     return deco
 
 
-# backends that live in kernels/, imported the first time they are asked for: name -> (module, needed package)
-_LAZY = {"triton": ("kernels.attention", "triton")}
+# backends registered on first use: name -> (module that registers it, package it needs)
+_LAZY = {"triton": ("kernels.attention", "triton"), "triton-fp8": ("kernels.attention", "triton"),
+         "sage": ("engine.attention_external", "sageattention"),
+         "flash-attn": ("engine.attention_external", "flash_attn")}
 
 
 def get_backend(name: str) -> Backend:
     if name not in _BACKENDS and name in _LAZY:
-        import importlib
-        importlib.import_module(_LAZY[name][0])  # registers itself
+        import importlib.util
+        module, package = _LAZY[name]
+        if importlib.util.find_spec(package) is None:
+            raise ValueError(f"attention backend {name!r} needs the {package!r} package, which is not installed; "
+                             f"available: {', '.join(available())}")
+        importlib.import_module(module)  # registers itself
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")
     return _BACKENDS[name]
@@ -39,6 +53,11 @@ def available() -> list[str]:
     """Registered backends, and those in kernels/ whose package is installed."""
     from importlib.util import find_spec
     return sorted(set(_BACKENDS) | {n for n, (_, pkg) in _LAZY.items() if find_spec(pkg) is not None})
+
+
+def _installed(name: str) -> bool:
+    from importlib.util import find_spec
+    return name in _BACKENDS or (name in _LAZY and find_spec(_LAZY[name][1]) is not None)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
@@ -70,3 +89,50 @@ def sdpa_math(q, k, v):
     """Plain PyTorch math, the reference the fast backends are tested against."""
     with sdpa_kernel([SDPBackend.MATH]):
         return F.scaled_dot_product_attention(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------------------
+AUTO_CANDIDATES = ("sdpa", "triton", "flash-attn")
+LOW_PRECISION = ("triton-fp8", "sage")  # quantized inputs: close to the others, not equal
+AUTO_TOLERANCE = 1e-2  # relative error against sdpa's output, on the call's own inputs
+_auto_choice: dict[tuple, str] = {}
+
+
+def _time_ms(fn, reps: int = 3) -> float:
+    fn()  # compile and warm up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def choose(q, k, v) -> str:
+    """The backend `auto` uses for these inputs' shape, dtype and GPU (measured once, then remembered)."""
+    if not q.is_cuda:
+        return "sdpa"
+    key = (torch.cuda.get_device_name(q.device), tuple(q.shape), q.dtype)
+    if key not in _auto_choice:
+        if torch.compiler.is_compiling():  # no timing inside a trace; the first eager call decides
+            return "sdpa"
+        ref = sdpa(q, k, v).float()
+        best, best_ms = "sdpa", _time_ms(lambda: sdpa(q, k, v))
+        for name in AUTO_CANDIDATES[1:]:
+            if not _installed(name):
+                continue
+            fn = get_backend(name)
+            try:
+                err = ((fn(q, k, v).float() - ref).norm() / ref.norm()).item()
+            except Exception:  # a backend that cannot run this shape or dtype is not a candidate
+                continue
+            if err <= AUTO_TOLERANCE and (ms := _time_ms(lambda: fn(q, k, v))) < best_ms:
+                best, best_ms = name, ms
+        _auto_choice[key] = best
+    return _auto_choice[key]
+
+
+@register("auto")
+def auto(q, k, v):
+    return get_backend(choose(q, k, v))(q, k, v)

@@ -1,4 +1,5 @@
-"""The `cogrt` command: generate, info, random-checkpoint, convert-lora, and (from train/) precompute and train."""
+"""The `cogrt` command: generate, calibrate-cache, info, random-checkpoint, convert-lora, and (from train/)
+precompute and train."""
 from __future__ import annotations
 
 import argparse
@@ -42,12 +43,37 @@ def _parser() -> argparse.ArgumentParser:
                    help="a diffusers-format LoRA; repeat to stack. WEIGHT multiplies the file's alpha/r")
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    g.add_argument("--attention", default="sdpa", help="attention backend")
+    g.add_argument("--attention", default="sdpa",
+                   help="attention backend: sdpa, triton, triton-fp8 (int8 Q·K, fp8 P·V), auto, sage, flash-attn, ...")
+    g.add_argument("--fused-norms", action="store_true",
+                   help="run the blocks' adaLN, QK norm + RoPE and residual passes through the Triton kernels")
     g.add_argument("--offload", action="store_true", help="model CPU offload, for small GPUs")
     g.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", default=None)
     g.add_argument("--no-vae-tiling", dest="vae_tiling", action="store_false")
     g.add_argument("-o", "--output", default="out.mp4")
     g.add_argument("--frames-npy", default=None, help="also write the uint8 frames (F, H, W, 3) as .npy")
+    g.add_argument("--teacache", type=float, default=None, metavar="THRESHOLD",
+                   help="TeaCache step skipping (0.1-0.3 are usual; higher skips more)")
+    g.add_argument("--teacache-coefficients", default=None, metavar="FILE",
+                   help="a `cogrt calibrate-cache` file; default: the published ones (released checkpoints only)")
+    g.add_argument("--teacache-fixed-steps", type=int, default=None, metavar="N",
+                   help="BENCHMARK ONLY: compute N evenly spread steps (first and last included), skip the rest")
+
+    k = sub.add_parser("calibrate-cache", help="fit TeaCache's coefficients on a model's own trajectories")
+    k.add_argument("--model", default=None, help=f"diffusers-format directory (default: {BUNDLED_MODEL})")
+    k.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="PATH[:WEIGHT]")
+    k.add_argument("--prompts", default=None, help="a text file, one prompt a line (default: a few built in)")
+    k.add_argument("--image", default=None, help="first frame, for image-to-video models")
+    k.add_argument("--steps", type=int, default=50, help="the step count the coefficients will serve")
+    k.add_argument("--degree", type=int, default=4)
+    k.add_argument("--frames", type=int, default=None)
+    k.add_argument("--height", type=int, default=None)
+    k.add_argument("--width", type=int, default=None)
+    k.add_argument("--guidance", type=float, default=6.0)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--device", default=None)
+    k.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    k.add_argument("--out", default="teacache_coefficients.json")
 
     i = sub.add_parser("info", help="describe a checkpoint without loading its weights")
     i.add_argument("model")
@@ -76,15 +102,16 @@ def cmd_generate(a) -> int:
     from .request import GenerationRequest
     from .video import write_mp4, write_npy
 
-    model = a.model or BUNDLED_MODEL
-    if a.model is None and not BUNDLED_MODEL.is_dir():
-        raise FileNotFoundError(f"no --model given and the bundled model is missing at {BUNDLED_MODEL}; "
-                                f"pass --model DIR (or make one with `cogrt random-checkpoint DIR`)")
-    pipe = load_pipeline(model, device=a.device, dtype=getattr(torch, DTYPES[a.dtype]) if a.dtype else None,
-                         offload=a.offload, attention=a.attention, vae_tiling=a.vae_tiling)
+    from .teacache import fixed_schedule
+
+    fixed = fixed_schedule(a.steps, a.teacache_fixed_steps) if a.teacache_fixed_steps is not None else None
     req = GenerationRequest(prompt=a.prompt, negative_prompt=a.negative, image=a.image, num_frames=a.frames,
                             height=a.height, width=a.width, num_inference_steps=a.steps, guidance_scale=a.guidance,
-                            use_dynamic_cfg=a.dynamic_cfg, seed=a.seed, loras=tuple(a.lora))
+                            use_dynamic_cfg=a.dynamic_cfg, seed=a.seed, loras=tuple(a.lora), teacache=a.teacache,
+                            teacache_coefficients=a.teacache_coefficients, teacache_fixed_steps=fixed)
+    pipe = load_pipeline(_model(a), device=a.device, dtype=getattr(torch, DTYPES[a.dtype]) if a.dtype else None,
+                         offload=a.offload, attention=a.attention, vae_tiling=a.vae_tiling,
+                         fused_norms=a.fused_norms)
     res = pipe.run(req, progress=True)
     out = write_mp4(res.frames, a.output, a.fps or res.fps)
     if a.frames_npy:
@@ -93,6 +120,38 @@ def cmd_generate(a) -> int:
     print(f"wrote {out} ({res.frames.shape[0]} frames, {res.frames.shape[2]}x{res.frames.shape[1]}, "
           f"seed {res.seed}) text {t['text']:.2f}s denoise {t['denoise']:.2f}s decode {t['decode']:.2f}s "
           f"total {t['total']:.2f}s")
+    if a.teacache is not None or fixed:
+        print(f"TeaCache: computed {len(res.steps_computed)} of {a.steps} steps: {res.steps_computed}")
+    return 0
+
+
+def _model(a):
+    if a.model is None and not BUNDLED_MODEL.is_dir():
+        raise FileNotFoundError(f"no --model given and the bundled model is missing at {BUNDLED_MODEL}; "
+                                f"pass --model DIR (or make one with `cogrt random-checkpoint DIR`)")
+    return a.model or BUNDLED_MODEL
+
+
+def cmd_calibrate_cache(a) -> int:
+    import json
+
+    import torch
+
+    from .pipeline import load_pipeline
+    from .teacache import DEFAULT_PROMPTS, calibrate
+    from .video import atomic_write
+
+    prompts = DEFAULT_PROMPTS
+    if a.prompts:
+        prompts = [line.strip() for line in Path(a.prompts).read_text().splitlines() if line.strip()]
+    pipe = load_pipeline(_model(a), device=a.device, dtype=getattr(torch, DTYPES[a.dtype]) if a.dtype else None)
+    fit = calibrate(pipe, prompts, steps=a.steps, degree=a.degree, seed=a.seed, loras=tuple(a.lora), image=a.image,
+                    num_frames=a.frames, height=a.height, width=a.width, guidance_scale=a.guidance)
+    fit = {"model": str(_model(a)), "loras": [list(x) for x in a.lora], **fit}
+    out = atomic_write(a.out, lambda tmp: Path(tmp).write_text(json.dumps(fit, indent=1)))
+    print(f"wrote {out}: coefficients {[f'{c:.6g}' for c in fit['coefficients']]}, fit over "
+          f"{len(fit['points'])} step pairs: R^2 {fit['r2']:.3f}, mean relative residual "
+          f"{fit['mean_relative_residual']:.3f}")
     return 0
 
 
@@ -145,7 +204,8 @@ def main(argv=None) -> int:
     try:
         from train.cli import cmd_precompute, cmd_train
         cmds = {"generate": cmd_generate, "info": cmd_info, "random-checkpoint": cmd_random, "train": cmd_train,
-                "precompute": cmd_precompute, "convert-lora": cmd_convert_lora}
+                "precompute": cmd_precompute, "convert-lora": cmd_convert_lora,
+                "calibrate-cache": cmd_calibrate_cache}
         return cmds[a.cmd](a)
     except (CheckpointError, OutOfMemory, FileNotFoundError, ValueError, TypeError) as e:
         print(f"cogrt: error: {e}", file=sys.stderr)

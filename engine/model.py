@@ -371,18 +371,33 @@ class CogVideoXTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor,
                 ofs: torch.Tensor | None = None, positions=None) -> torch.Tensor:
-        """x: latents (B, F, C, H, W); text: (B, T, text_dim); timestep: (B,). Returns (B, F, C_out, H, W)."""
-        B, Fr, _, H, W = x.shape
-        n_text = text.shape[1]
-        rope, pos = positions if positions is not None else self.positions(Fr, H, W, x.device)
+        """x: latents (B, F, C, H, W); text: (B, T, text_dim); timestep: (B,). Returns (B, F, C_out, H, W).
+
+        Three parts (embed, run_blocks, head), so that a step cache (engine/teacache.py) can skip the blocks
+        and a regional compile can take the blocks alone."""
         # 1. Time embedding; every consumer (the adaLN projections) takes it through SiLU first
         temb = F.silu(self.embed_time(timestep, ofs, x.dtype))
         # 2. Patch and text embedding, with additive positions for 2B and 5B-I2V
+        v, c, rope = self.embed(x, text, positions)
+        # 3. Blocks
+        v, c = self.run_blocks(v, c, temb, rope)
+        # 4. Final norm and adaLN, 5. Unpatchify
+        return self.head(v, temb, x.shape)
+
+    def embed(self, x: torch.Tensor, text: torch.Tensor, positions=None):
+        """Latents (B, F, C, H, W) and text (B, T, text_dim) -> video tokens (B, S, D), text tokens (B, T, D),
+        and the RoPE tables (or None)."""
+        _, Fr, _, H, W = x.shape
+        n_text = text.shape[1]
+        rope, pos = positions if positions is not None else self.positions(Fr, H, W, x.device)
         c, v = self.text_proj(text), self.patch_proj(self.patchify(x))
         if pos is not None:
             pos = pos.to(x.dtype)
             c, v = c + pos[:, :n_text], v + pos[:, self.cfg.max_text_seq_length:]
-        # 3. Blocks
+        return v, c, rope
+
+    def run_blocks(self, v: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, rope=None):
+        """All blocks over video tokens v (B, S, D) and text tokens c (B, T, D); temb is the SiLU'd time embedding."""
         offload = self.offload_activations and self.gradient_checkpointing and torch.is_grad_enabled()
         if offload and not v.requires_grad:
             v = v.detach().requires_grad_()  # a reentrant checkpoint returns no gradient unless an input needs one
@@ -394,8 +409,12 @@ class CogVideoXTransformer(nn.Module):
                     v, c = checkpoint(block, v, c, temb, rope, use_reentrant=offload)
                 else:
                     v, c = block(v, c, temb, rope)
-        # 4. Final norm and adaLN
-        shift, scale = self.norm_out(temb).unsqueeze(1).chunk(2, dim=-1)
+        return v, c
+
+    def head(self, v: torch.Tensor, temb: torch.Tensor, shape) -> torch.Tensor:
+        """Video tokens (B, S, D) after the blocks -> the prediction (B, F, C_out, H, W); `shape` is the
+        latents' (B, F, C, H, W)."""
+        _, Fr, _, H, W = shape
+        shift, scale = self.norm_out(temb).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
         v = self.norm_out_ln(self.norm_final(v)) * (1 + scale) + shift
-        # 5. Unpatchify
         return self.unpatchify(self.proj_out(v), Fr, H, W)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import loader
+from . import loader, teacache
 from .lora import FusedLoras, read_lora
 from .model import CogVideoXTransformer, ModelConfig
 from .request import GenerationRequest, GenerationResult
@@ -49,20 +49,24 @@ class Pipeline:
         """diffusers-style call: generate("a cat", num_frames=49, seed=0, loras=[("x.safetensors", 1.0)])."""
         return self.run(GenerationRequest(prompt=prompt, **kw), progress=progress)
 
-    def run(self, req: GenerationRequest, progress: bool = False) -> GenerationResult:
+    def run(self, req: GenerationRequest, progress: bool = False,
+            cache: teacache.TeaCacheState | None = None) -> GenerationResult:
+        """`cache` replaces the step cache the request would make (calibration passes one that records)."""
         req.check_for(self.cfg)
         loras = [(read_lora(p), w) for p, w in req.loras]  # read and checked before the lock is taken
         with self._lock:
             try:
-                return self._run(req, loras, progress)
+                return self._run(req, loras, progress, cache)
             except torch.OutOfMemoryError as e:
                 torch.cuda.empty_cache()
                 raise OutOfMemory(
                     f"out of GPU memory generating {req.num_frames}x{req.height}x{req.width}: {e}. Try VAE tiling "
                     f"(--vae-tiling), model CPU offload (--offload), or fewer frames / a smaller size.") from e
 
-    def _run(self, req, loras, progress) -> GenerationResult:
+    def _run(self, req, loras, progress, cache) -> GenerationResult:
         times, t0 = {}, time.perf_counter()
+        if cache is None:  # a fresh step cache for each request (None when TeaCache is off)
+            cache = teacache.new_state(req, req.num_inference_steps)
         gen = torch.Generator("cpu").manual_seed(req.seed)
         cfg_on = req.guidance_scale > 1.0
 
@@ -72,7 +76,7 @@ class Pipeline:
 
         t1 = time.perf_counter()
         with self._on_device(self.transformer), FusedLoras(self.transformer, loras):
-            latents, extra = self.denoise(req, text, gen, progress)
+            latents, extra = self.denoise(req, text, gen, progress, cache)
         times["denoise"] = self._lap(t1)
 
         t2 = time.perf_counter()
@@ -80,9 +84,9 @@ class Pipeline:
             frames = self.decode(latents[:, extra:], req)
         times["decode"] = self._lap(t2)
         times["total"] = time.perf_counter() - t0
-        steps = list(range(req.num_inference_steps))
+        computed, skipped = (cache.computed, cache.skipped) if cache else (list(range(req.num_inference_steps)), [])
         return GenerationResult(frames=frames, latents=latents[:, extra:], seed=req.seed, fps=self.cfg.fps,
-                                timings=times, steps_computed=steps)
+                                timings=times, steps_computed=computed, steps_skipped=skipped)
 
     def _lap(self, since: float) -> float:
         if self.device.type == "cuda":
@@ -131,8 +135,10 @@ class Pipeline:
         pad = torch.zeros(1, latent_frames - 1, *z.shape[2:], device=self.device, dtype=self.dtype)
         return torch.cat([z, pad], dim=1)
 
-    def denoise(self, req: GenerationRequest, text: torch.Tensor, gen: torch.Generator, progress: bool):
-        """Returns the final latents and how many leading latent frames are padding (1.5's temporal patch)."""
+    def denoise(self, req: GenerationRequest, text: torch.Tensor, gen: torch.Generator, progress: bool,
+                cache: teacache.TeaCacheState | None = None):
+        """Returns the final latents and how many leading latent frames are padding (1.5's temporal patch).
+        With a `cache` (TeaCache), the blocks run only on the steps it decides; it records which."""
         import diffusers
         from diffusers.utils.torch_utils import randn_tensor
         cfg, dev = self.cfg, self.device
@@ -140,6 +146,8 @@ class Pipeline:
         sched.set_timesteps(req.num_inference_steps, device=dev)
         timesteps = sched.timesteps
         steps = len(timesteps)
+        if cache is not None and cache.num_steps != steps:
+            raise ValueError(f"the step cache was made for {cache.num_steps} steps; the scheduler gives {steps}")
 
         frames = req.latent_frames
         extra = (-frames) % cfg.patch_size_t if cfg.patch_size_t else 0  # 1.5 pads to a multiple of patch_size_t
@@ -168,7 +176,11 @@ class Pipeline:
                 x = sched.scale_model_input(x, t)
                 if image is not None:
                     x = torch.cat([x, image], dim=2)
-                v = self.transformer(x, text, t.expand(x.shape[0]), ofs=ofs, positions=positions).float()
+                if cache is None:
+                    v = self.transformer(x, text, t.expand(x.shape[0]), ofs=ofs, positions=positions)
+                else:
+                    v = teacache.forward(self.transformer, cache, i, x, text, t.expand(x.shape[0]), ofs, positions)
+                v = v.float()
                 if cfg_on:
                     v_uncond, v_text = v.chunk(2)
                     v = v_uncond + scales[i] * (v_text - v_uncond)
@@ -227,11 +239,13 @@ def load_image(image):
 
 def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None, offload: bool = False,
                   attention: str = "sdpa", vae_tiling: bool | None = None,
-                  transformer: CogVideoXTransformer | None = None) -> Pipeline:
+                  transformer: CogVideoXTransformer | None = None, fused_norms: bool = False) -> Pipeline:
     """Load a diffusers-format CogVideoX directory (or hub id) into a ready pipeline.
 
     device defaults to CUDA where present, else CPU; dtype to bf16 on CUDA and fp32 on the CPU.
     `transformer` replaces the checkpoint's own (the trainer validates its model this way).
+    `attention` names a backend of engine/attention.py; `fused_norms` routes the blocks' norm, QK prologue and
+    residual passes through the Triton kernels (kernels/).
     """
     from diffusers import AutoencoderKLCogVideoX
     from transformers import AutoTokenizer, T5EncoderModel
@@ -255,6 +269,7 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     if transformer is None:
         transformer = loader.load_transformer(root / "transformer", home, dtype)
     transformer.set_attention_backend(attention)
+    transformer.set_fused_norms(fused_norms)
     try:
         vae = AutoencoderKLCogVideoX.from_pretrained(root / "vae", torch_dtype=dtype).to(home).eval()
         text_encoder = T5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(home).eval()

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .model import ModelConfig
+from .teacache import check_fixed_steps, published_coefficients, read_coefficients
 
 MODES = ("exact",)  # the fast modes register here as they land
 
@@ -33,6 +34,12 @@ class GenerationRequest:
     seed: int | None = None  # None: a random seed, reported in the result
     loras: tuple[tuple[str, float], ...] = ()  # (path, weight); weight multiplies the file's alpha/r
     mode: str = "exact"
+    teacache: float | None = None  # TeaCache threshold (0.1-0.3 are usual); None: every step is computed
+    # the polynomial, highest power first, or a `cogrt calibrate-cache` JSON file; None: the published one
+    teacache_coefficients: Any = None
+    # BENCHMARK ONLY: compute exactly these steps (engine.teacache.fixed_schedule), whatever the model says;
+    # for speed runs on random weights, where TeaCache's own decisions mean nothing
+    teacache_fixed_steps: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not isinstance(self.prompt, str):
@@ -60,6 +67,18 @@ class GenerationRequest:
                 raise FileNotFoundError(f"LoRA file not found: {path}")
             loras.append((str(path), float(weight)))
         self.loras = tuple(loras)
+        if self.teacache is not None:
+            if not float(self.teacache) >= 0:
+                raise ValueError(f"teacache (a threshold) must be >= 0, got {self.teacache!r}")
+            self.teacache = float(self.teacache)
+        if self.teacache is not None and self.teacache_fixed_steps is not None:
+            raise ValueError("pass teacache (a threshold) or teacache_fixed_steps (benchmarks), not both")
+        if self.teacache_coefficients is not None:
+            if self.teacache is None:
+                raise ValueError("teacache_coefficients were given without a teacache threshold")
+            self.teacache_coefficients = read_coefficients(self.teacache_coefficients)
+        if self.teacache_fixed_steps is not None:
+            self.teacache_fixed_steps = check_fixed_steps(self.teacache_fixed_steps, self.num_inference_steps)
 
     def check_for(self, cfg: ModelConfig) -> None:
         """Fill the model's defaults and apply its rules; every message gives the valid values."""
@@ -88,6 +107,8 @@ class GenerationRequest:
         if not cfg.is_i2v and self.image is not None:
             raise ValueError(f"{cfg.variant} is a text-to-video model and takes no image; "
                              f"use an image-to-video checkpoint for --image")
+        if self.teacache is not None and self.teacache_coefficients is None:
+            self.teacache_coefficients = published_coefficients(cfg)
 
     @property
     def latent_frames(self) -> int:
@@ -101,5 +122,5 @@ class GenerationResult:
     seed: int
     fps: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: text, denoise, decode, total
-    steps_computed: list[int] = field(default_factory=list)
-    steps_skipped: list[int] = field(default_factory=list)
+    steps_computed: list[int] = field(default_factory=list)  # step indices whose blocks ran
+    steps_skipped: list[int] = field(default_factory=list)  # step indices served from the TeaCache residuals

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 
-def empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised output with `like`'s device and dtype. Tests swap in a NaN-filled one, so that an
-    element a kernel fails to write shows."""
-    return torch.empty(shape, device=like.device, dtype=like.dtype)
+def empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised output on `like`'s device, in `dtype` (default: like's). Tests swap in a NaN-filled
+    one, so that an element a kernel fails to write shows."""
+    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype)

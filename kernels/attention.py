@@ -1,8 +1,23 @@
 """Flash-attention forward in Triton for CogVideoX's joint [text; video] sequence: non-causal, no mask,
-head_dim 64 (any power of two up to 128), N not a multiple of the block size. The reference is SDPA's
-math backend. Forward-only: training keeps SDPA.
+head_dim a power of two up to 128, N not a multiple of the block size. Two precisions share one kernel:
 
-Importing this module registers the `triton` backend in `engine.attention`.
+- `flash_attention(q, k, v)`: bf16/fp16 in, fp32 accumulation; the `triton` backend.
+- `sage_attention(q, k, v)`: low precision, as SageAttention does it; the `triton-fp8` backend.
+  - K is smoothed: its mean over tokens is subtracted, which leaves softmax unchanged (it shifts each row
+    of q·kᵀ by a constant) and takes the large per-channel offset of trained models out of the range.
+  - Q and K are quantized with one scale per tile of rows, to int8 by default. e4m3 is the other choice
+    (`qk="fp8"`), but with 3 mantissa bits its score error was 3x int8's on every input we tried, while
+    Hopper runs both at the same tensor-core rate (bench/RESULTS.md has the table).
+  - V is smoothed the same way (its mean is added back after, since each softmax row sums to 1) and
+    quantized to e4m3 with one scale per channel. P comes out of the exponential scaled by 448 (e4m3's
+    largest value), so that small probabilities keep their precision. P·V runs on the fp8 tensor cores.
+
+References: SDPA's math backend, and `sage_attention_reference`, the same rounding in PyTorch.
+Forward-only: training keeps SDPA. Importing this module registers both backends in `engine.attention`.
+
+q, k, v go in through TMA tensor descriptors over their 4D (B, H, N, d) views, so strided views (v straight
+out of the fused qkv) need no copy, and rows past N read as zeros instead of the next head's rows.
+N is a compile-time constant: the loop bounds are then known, and a serving shape compiles once.
 """
 from __future__ import annotations
 
@@ -11,70 +26,176 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from engine import attention
 
 from . import alloc
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim, from the sweep in bench/kernels.py on the H100;
+# the interpreter gets small tiles so that CI stays quick
+CONFIGS = {64: (64, 128, 4, 2)}
+CONFIGS_FP8 = {64: (128, 128, 4, 3)}
+_DEFAULT_CONFIG = (64, 64, 4, 2)  # head dims not swept yet
+_INTERPRET_CONFIG = (32, 32, 4, 1)
+# The packed 16-bit exponential (see _exp2) measured slower on the H100 (16.98 -> 17.48 ms bf16, 15.56 -> 17.35
+# ms fp8 at the 5B shape; bench/RESULTS.md): the conversions it needs cost more than the exponentials it
+# saves. Off by default; bench/kernels.py --sweep measures both.
+FAST_EXP = False
+WARP_SPECIALIZE = False  # Triton's warp-specialized loop; bench/kernels.py --sweep measures both
 
 
 @triton.jit
-def _flash_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, N, H, qk_scale,
-                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _e4m3(x, EXACT: tl.constexpr):
+    """x -> e4m3. The interpreter's conversion halves values whose mantissa rounds up into the next power of
+    two, so there (EXACT) x is first rounded to the e4m3 grid by hand; the GPU's conversion is correct."""
+    if EXACT:
+        step = tl.exp2(tl.floor(tl.log2(tl.maximum(tl.abs(x), 0.015625))) - 3.0)  # 2^-6: the subnormal floor
+        x = tl.floor(x / step + 0.5) * step
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _exp2(x, P_DTYPE: tl.constexpr, FAST: tl.constexpr):
+    """2^x as P_DTYPE. At d = 64 the exponentials, not the matmuls, bound the kernel: the MUFU unit does 16 a
+    clock per SM. FAST uses its packed 16-bit form, two exponentials an instruction; P is rounded to 16 bits
+    (or fewer) for its matmul anyway, and the argument's own rounding only touches probabilities too small to
+    count. The interpreter has no inline PTX, so it takes the fp32 path."""
+    if FAST:
+        if P_DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
+                                             dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                                             dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        return tl.math.exp2(x).to(P_DTYPE)
+
+
+@triton.jit
+def _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, start, qk_scale, ks_ptr,
+          N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
+          MASKED: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr, EXACT: tl.constexpr,
+          PREC: tl.constexpr):
+    """One BLOCK_N-wide tile of keys and values folded into the running softmax (log2 domain)."""
+    k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    s = tl.dot(q, k.T, input_precision=PREC).to(tl.float32)  # int8 scores come out as int32
+    if LOWP:
+        scale = qk_scale * tl.load(ks_ptr + start // BLOCK_N)  # this key tile's dequantization scale
+    else:
+        scale = qk_scale
+    if MASKED:  # the last, partial tile: the rows past N read as zeros and must not count
+        s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < N, s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        x = s - m_new[:, None]
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+        x = s * scale - m_new[:, None]  # one FMA per score
+    if LOWP:  # P·448 straight out of the exponential: e4m3's whole range, and 448 cancels in acc / l
+        x = x + 8.807354922057604  # log2(448)
+    p = _exp2(x, P_DTYPE, FAST)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+    acc = acc * alpha[:, None]
+    if LOWP:
+        # V is stored transposed (B, H, d, N_pad): fp8 tensor cores want both operands K-major on Hopper
+        vt = desc_v.load([b, h, 0, start]).reshape(HEAD_DIM, BLOCK_N)
+        acc = tl.dot(_e4m3(p, EXACT), vt.T, acc)
+    else:
+        v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_kernel(desc_q, desc_k, desc_v, desc_o, qs_ptr, ks_ptr, vs_ptr, vm_ptr, H, qk_scale,
+                     N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     LOWP: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr, EXACT: tl.constexpr,
+                     PREC: tl.constexpr, WS: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None],
-                other=0.0)
+    q = desc_q.load([b, h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+    if LOWP:
+        n_qt: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+        n_kt: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+        qk_scale = qk_scale * tl.load(qs_ptr + bh * n_qt + pid_m)
+        ks_ptr = ks_ptr + bh * n_kt
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    start = 0
-    while start < N:  # not range(0, N, ...): the interpreter cannot index with a runtime scalar under NumPy 2
-        offs_n = start + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
-        kt = tl.load(k_ptr + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None], mask=col_ok[None, :],
-                     other=0.0)  # (HEAD_DIM, BLOCK_N)
-        s = tl.dot(q, kt) * qk_scale  # log2 domain: qk_scale folds in 1/ln 2
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None],
-                    other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-        start += BLOCK_N
+    FULL: tl.constexpr = N // BLOCK_N * BLOCK_N
+    for start in tl.range(0, FULL, BLOCK_N, warp_specialize=WS):
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, start, qk_scale, ks_ptr,
+                              N, HEAD_DIM, BLOCK_N, LOWP, False, P_DTYPE, FAST, EXACT, PREC)
+    if FULL < N:
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, FULL, qk_scale, ks_ptr,
+                              N, HEAD_DIM, BLOCK_N, LOWP, True, P_DTYPE, FAST, EXACT, PREC)
     acc = acc / l_i[:, None]
-    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], acc.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
+    if LOWP:  # undo V's per-channel scales, then add back V's mean
+        cols = bh * HEAD_DIM + tl.arange(0, HEAD_DIM)
+        acc = acc * tl.load(vs_ptr + cols)[None, :] + tl.load(vm_ptr + cols)[None, :]
+    desc_o.store([b, h, pid_m * BLOCK_M, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
+
+
+def _config(d: int, fp8: bool, config=None):
+    if config is not None:
+        return config
+    return _INTERPRET_CONFIG if _INTERPRET else (CONFIGS_FP8 if fp8 else CONFIGS).get(d, _DEFAULT_CONFIG)
+
+
+def _exp_args(dtype: torch.dtype, lowp: bool) -> dict:
+    """P's dtype and the exponential's form: fp32 inputs (tests) and the interpreter keep everything in fp32."""
+    p_dtype = tl.float16 if lowp else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+    fast = FAST_EXP and not _INTERPRET and p_dtype != tl.float32
+    # fp32 inputs (the tests) get true fp32 matmuls, not TF32
+    return dict(P_DTYPE=p_dtype if fast else tl.float32, FAST=fast, EXACT=_INTERPRET,
+                PREC="ieee" if dtype == torch.float32 else "tf32", WS=WARP_SPECIALIZE and not _INTERPRET)
+
+
+def _desc(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
+    """A TMA descriptor over a 4D tensor, one (rows, cols) tile of one (batch, head) per load."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cols])
+
+
+def _check(q, k, v):
+    B, H, N, d = q.shape
+    if k.shape != q.shape or v.shape != q.shape or d & (d - 1) or not 16 <= d <= 128:
+        raise ValueError(f"q, k, v must share a (B, H, N, d) shape with d a power of two in [16, 128]; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share a float dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """TMA needs a unit last stride and 16-byte aligned other strides and base."""
+    ok = t.stride(-1) == 1 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) \
+        and t.data_ptr() % 16 == 0
+    return t if ok else t.contiguous()
 
 
 @torch.library.custom_op("cogrt::flash_attention", mutates_args=())
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ/√d) v for q, k, v (B, H, N, d), any strides with a unit last stride; out (B, H, N, d)."""
+    """softmax(q kᵀ/√d) v for q, k, v (B, H, N, d), any 16-byte aligned strides; out (B, H, N, d)."""
+    return _flash(q, k, v)
+
+
+def _flash(q, k, v, config=None):
+    _check(q, k, v)
     B, H, N, d = q.shape
-    if k.shape != q.shape or v.shape != q.shape or d & (d - 1) or d > 128:
-        raise ValueError(f"q, k, v must share a (B, H, N, d) shape with d a power of two <= 128; "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     o = alloc.empty((B, H, N, d), q)
-    # block sizes: 128 x 64 tiles for Hopper (to be tuned with bench/kernels.py); small ones keep the
-    # interpreter quick
-    bm, bn = (32, 32) if _INTERPRET else (128, 64)
-    grid = (triton.cdiv(N, bm), B * H)
-    _flash_fwd_kernel[grid](q, k, v, o, N, H, d ** -0.5 * 1.4426950408889634,
-                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                            HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn)
+    bm, bn, warps, stages = _config(d, False, config)
+    _attn_fwd_kernel[(triton.cdiv(N, bm), B * H)](
+        _desc(q, bm, d), _desc(k, bn, d), _desc(v, bn, d), _desc(o, bm, d), q, q, q, q, H, d ** -0.5 * _LOG2E,
+        N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=False, **_exp_args(q.dtype, False), num_warps=warps,
+        num_stages=stages)
     return o
 
 
@@ -83,6 +204,145 @@ def _(q, k, v):
     return torch.empty_like(q)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Low precision: quantization passes, then the same kernel with LOWP
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, mean_ptr, out_ptr, scale_ptr, N, sxb, sxh, sxn, H, HEAD_DIM: tl.constexpr,
+                       BLOCK: tl.constexpr, HAS_MEAN: tl.constexpr, INT8: tl.constexpr, EXACT: tl.constexpr):
+    """One tile of BLOCK rows of one head -> int8 (or e4m3) with one scale; the mean is subtracted first."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = t * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, HEAD_DIM)
+    ok = rows[:, None] < N
+    x = tl.load(x_ptr + b * sxb + h * sxh + rows[:, None] * sxn + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        x = tl.where(ok, x - tl.load(mean_ptr + bh * HEAD_DIM + cols)[None, :], 0.0)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-12)
+    if INT8:
+        scale = amax / 127.0
+        y = x / scale
+        y = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8)  # round half away from zero
+    else:
+        scale = amax / 448.0
+        y = _e4m3(x / scale, EXACT)
+    tl.store(out_ptr + (bh * N + rows[:, None]) * HEAD_DIM + cols[None, :], y, mask=ok)
+    tl.store(scale_ptr + bh * tl.num_programs(0) + t, scale)
+
+
+@triton.jit
+def _quant_v_kernel(v_ptr, mean_ptr, scale_ptr, out_ptr, N, N_PAD, svb, svh, svn, H,
+                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr):
+    """(V - its mean) / its per-channel scale -> e4m3, written transposed (B, H, d, N_pad), zeros past N."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = t * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, HEAD_DIM)
+    ok = rows[:, None] < N
+    v = tl.load(v_ptr + b * svb + h * svh + rows[:, None] * svn + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    v = tl.where(ok, (v - tl.load(mean_ptr + bh * HEAD_DIM + cols)[None, :])
+                 / tl.load(scale_ptr + bh * HEAD_DIM + cols)[None, :], 0.0)
+    tl.store(out_ptr + (bh * HEAD_DIM + cols[None, :]) * N_PAD + rows[:, None], _e4m3(v, EXACT))
+
+
+def quantize_qkv(q, k, v, block_m: int, block_n: int, qk: str = "int8"):
+    """-> q8, q_scale (B, H, ⌈N/block_m⌉), k8 (smoothed), k_scale (B, H, ⌈N/block_n⌉), vt8 (B, H, d, N_pad),
+    v_scale (B, H, d), v_mean (B, H, d); scales and means in fp32, q8 and k8 in int8 (or e4m3)."""
+    B, H, N, d = q.shape
+    k_mean = torch.mean(k, dim=2, dtype=torch.float32).contiguous()  # (B, H, d)
+    v_mean = torch.mean(v, dim=2, dtype=torch.float32)  # (B, H, d)
+    # the smoothed V's absmax per channel: max(v) - mean or mean - min(v)
+    v_scale = (torch.maximum(v.amax(dim=2).float() - v_mean, v_mean - v.amin(dim=2).float()) / FP8_MAX
+               ).clamp_min(1e-12).contiguous()
+    v_mean = v_mean.contiguous()
+    int8 = qk == "int8"
+    out = []
+    for x, mean, blk in ((q, None, block_m), (k, k_mean, block_n)):
+        x8 = alloc.empty((B, H, N, d), x, torch.int8 if int8 else FP8)
+        s = alloc.empty((B, H, triton.cdiv(N, blk)), x, torch.float32)
+        _quant_rows_kernel[(triton.cdiv(N, blk), B * H)](
+            x, mean if mean is not None else x, x8, s, N, *x.stride()[:3], H, HEAD_DIM=d, BLOCK=blk,
+            HAS_MEAN=mean is not None, INT8=int8, EXACT=_INTERPRET)
+        out += [x8, s]
+    n_pad = triton.cdiv(N, block_n) * block_n
+    vt8 = alloc.empty((B, H, d, n_pad), v, FP8)
+    _quant_v_kernel[(n_pad // block_n, B * H)](v, v_mean, v_scale, vt8, N, n_pad, *v.stride()[:3], H, HEAD_DIM=d,
+                                               BLOCK=block_n, EXACT=_INTERPRET)
+    return (*out, vt8, v_scale, v_mean)
+
+
+@torch.library.custom_op("cogrt::sage_attention", mutates_args=())
+def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: str = "int8") -> torch.Tensor:
+    """Low-precision softmax(q kᵀ/√d) v (see the module docstring) for q, k, v (B, H, N, d); out in q's dtype."""
+    return _sage(q, k, v, qk)
+
+
+def _sage(q, k, v, qk="int8", config=None):
+    _check(q, k, v)
+    if qk not in ("int8", "fp8"):
+        raise ValueError(f"qk must be 'int8' or 'fp8', got {qk!r}")
+    B, H, N, d = q.shape
+    bm, bn, warps, stages = _config(d, True, config)
+    q8, qs, k8, ks, vt8, vs, vm = quantize_qkv(q, k, v, bm, bn, qk)
+    o = alloc.empty((B, H, N, d), q)
+    _attn_fwd_kernel[(triton.cdiv(N, bm), B * H)](
+        _desc(q8, bm, d), _desc(k8, bn, d), _desc(vt8, d, bn), _desc(o, bm, d), qs, ks, vs, vm, H,
+        d ** -0.5 * _LOG2E, N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=True, **_exp_args(q.dtype, True),
+        num_warps=warps, num_stages=stages)
+    return o
+
+
+@sage_attention.register_fake
+def _(q, k, v, qk="int8"):
+    return torch.empty_like(q)
+
+
+def sage_attention_reference(q, k, v, block_m: int, block_n: int, qk: str = "int8") -> torch.Tensor:
+    """The same quantization and online softmax in PyTorch, in fp32 on the rounded values, for the tests."""
+    B, H, N, d = q.shape
+
+    def quant_tiles(x, blk):  # per tile of rows: x ≈ x8 · scale
+        xt = torch.nn.functional.pad(x, (0, 0, 0, (-N) % blk)).view(B, H, -1, blk, d)  # (B, H, tiles, blk, d)
+        amax = xt.abs().amax(dim=(-1, -2), keepdim=True).clamp_min(1e-12)
+        if qk == "int8":
+            s = amax / 127
+            r = torch.trunc(xt / s + torch.where(xt >= 0, 0.5, -0.5))
+        else:
+            s = amax / FP8_MAX
+            r = (xt / s).to(FP8).float()
+        return (r * s).view(B, H, -1, d)[:, :, :N]
+
+    q, k, v = q.float(), k.float(), v.float()
+    qd = quant_tiles(q, block_m)
+    kd = quant_tiles(k - k.mean(dim=2, keepdim=True), block_n)
+    vm = v.mean(dim=2, keepdim=True)
+    vs = ((v - vm).abs().amax(dim=2, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    vd = ((v - vm) / vs).to(FP8).float()
+    # the kernel's online softmax, tile by tile: P·448 is rounded to e4m3 against the running max, as there
+    m = torch.full((B, H, N, 1), float("-inf"))
+    l, acc = torch.zeros(B, H, N, 1), torch.zeros(B, H, N, d)
+    for j in range(0, N, block_n):
+        s = qd @ kd[:, :, j:j + block_n].transpose(-1, -2) * d ** -0.5  # (B, H, N, tile)
+        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+        p = torch.exp(s - m_new) * FP8_MAX
+        alpha = torch.exp(m - m_new)
+        l = l * alpha + p.sum(dim=-1, keepdim=True)
+        acc = acc * alpha + p.to(FP8).float() @ vd[:, :, j:j + block_n]
+        m = m_new
+    return (acc / l * vs + vm).to(q.dtype)
+
+
 @attention.register("triton")
 def triton_backend(q, k, v):
     return flash_attention(q, k, v)
+
+
+@attention.register("triton-fp8")
+def triton_fp8_backend(q, k, v):
+    return sage_attention(q, k, v)

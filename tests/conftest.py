@@ -27,8 +27,11 @@ def pytest_collection_modifyitems(config, items):
 def poison_kernel_outputs(monkeypatch):
     """Kernel outputs start as NaN, so that an element a kernel fails to write fails the test."""
     from kernels import alloc
-    monkeypatch.setattr(alloc, "empty", lambda shape, like: torch.full(shape, float("nan"), device=like.device,
-                                                                        dtype=like.dtype))
+    def poisoned(shape, like, dtype=None):
+        dtype = dtype or like.dtype
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min  # int8 quant stops at ±127
+        return torch.full(shape, fill, device=like.device, dtype=dtype)
+    monkeypatch.setattr(alloc, "empty", poisoned)
 
 
 @pytest.fixture(scope="session")

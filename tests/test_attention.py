@@ -21,7 +21,15 @@ def reference(q, k, v):
     return (w @ v.double()).float()
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+EXACT = [b for b in BACKENDS if b not in attention.LOW_PRECISION]
+LOW = [b for b in BACKENDS if b in attention.LOW_PRECISION]
+
+
+def rel_err(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+@pytest.mark.parametrize("name", EXACT)
 @pytest.mark.parametrize("shape", [(1, 3, 263, 16), (1, 3, 1, 16), (2, 2, 37, 64)])
 def test_backend_matches_math(name, shape):
     g = torch.Generator().manual_seed(sum(shape))
@@ -33,8 +41,19 @@ def test_backend_matches_math(name, shape):
     torch.testing.assert_close(want, reference(q, k, v), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", LOW)
+@pytest.mark.parametrize("shape", [(1, 3, 263, 16), (1, 3, 1, 16), (2, 2, 37, 64)])
+def test_low_precision_backend_is_close_to_math(name, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+    got = attention.attend(q.half(), k.half(), v.half(), name)
+    assert got.shape == shape and got.dtype == torch.float16
+    assert rel_err(got, attention.attend(q, k, v, "sdpa-math")) < 4e-2
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_model_with_backend_matches_sdpa(checkpoint, name):
+    low = name in attention.LOW_PRECISION
     model = load_transformer(checkpoint("5b") / "transformer")
     cfg = model.cfg
     g = torch.Generator().manual_seed(1)
@@ -46,8 +65,11 @@ def test_model_with_backend_matches_sdpa(checkpoint, name):
         model.set_attention_backend(name)
         assert all(b.attn_backend == name for b in model.blocks)
         got = model(x, text, t)
-    err = (got - want).abs().max().item()
-    assert err <= 1e-5 * want.abs().max().item(), err
+    if low:  # the bound the issue sets for the 5B step: 3e-2
+        assert rel_err(got, want) <= 3e-2
+    else:
+        err = (got - want).abs().max().item()
+        assert err <= 1e-5 * want.abs().max().item(), err
 
 
 def test_unknown_backend(checkpoint):

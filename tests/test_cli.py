@@ -63,6 +63,21 @@ def test_generate_writes_mp4_and_npy_equal_to_the_pipeline(cli_checkpoint, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4", "out.npy"]
 
 
+@pytest.mark.parametrize("attention,tol", [("triton", 1), ("triton-fp8", 8)])
+def test_generate_through_the_kernels(cli_checkpoint, tmp_path, attention, tol):
+    """The shipped kernel combinations end to end: a Triton attention backend with the fused norms, against
+    the default path; frames within `tol` of 255 (the fp8 backend quantizes q, k, v)."""
+    npy = tmp_path / "k.npy"
+    args = ["generate", "a lighthouse in a storm", "--model", str(cli_checkpoint), "--frames", "9", "--height", "64",
+            "--width", "64", "--steps", "1", "--seed", "1", "--device", "cpu", "--dtype", "fp32",
+            "-o", str(tmp_path / "k.mp4"), "--frames-npy", str(npy)]
+    assert main(args + ["--attention", attention, "--fused-norms"]) == 0
+    fast = np.load(npy).astype(int)
+    assert main(args) == 0
+    exact = np.load(npy).astype(int)
+    assert np.abs(fast - exact).max() <= tol
+
+
 def test_generate_bad_frames_exits_2_and_writes_nothing(cli_checkpoint, tmp_path, capsys):
     out = tmp_path / "out.mp4"
     rc = main(["generate", "a cat", "--model", str(cli_checkpoint), "--frames", "10", "--height", "64",

@@ -1,0 +1,220 @@
+"""TeaCache: skip the transformer blocks on steps whose input barely changed, reusing the last residual.
+
+At each step the relative L1 change of the time embedding since the previous step,
+    d_i = mean|e_i - e_{i-1}| / mean|e_{i-1}|,
+is mapped through the model's polynomial p (fitted so that p(d) estimates the relative change of the
+model's output) and accumulated. While the sum stays below the threshold, the blocks are skipped and the
+residual they added last time (blocks' output minus their input, for the video and the text stream) is
+added instead. When it reaches the threshold, the blocks run and the sum starts again from zero. The first
+and the last step always run.
+
+The indicator: TeaCache's generic recipe uses the timestep-modulated input of the first block. For CogVideoX
+the published implementation (and the fit of its coefficients) uses the time embedding `e` that modulates
+every block (the output of the time MLP, before SiLU, plus the ofs embedding for 1.5-I2V), so we use that:
+the published polynomials only mean something for the indicator they were fitted on. `e` depends on the
+timestep alone, which also makes the decision the same for both halves of a CFG batch.
+
+The decision is plain Python between the embedding and the blocks (`forward` below), outside anything that
+is compiled: a compiled `Block` never sees it. It costs one host sync per step (`rel_l1`), the one that the
+denoising loop allows.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import PRESETS, ModelConfig
+
+# Published coefficients, highest power first (numpy.polyval order). Numbers only, from
+# https://github.com/ali-vilab/TeaCache (commit 7c10efc4702c6b619f47805f7abe4a7a08085aa0),
+# TeaCache4CogVideoX1.5/teacache_sample_video.py (`coefficients_dict`); the 2B and 5B numbers also appear in
+# eval/teacache/experiments/cogvideox.py there. The source lists the 5B numbers again for 5B-I2V.
+PUBLISHED = {
+    "cogvideox-2b": (-3.10658903e+01, 2.54732368e+01, -5.92380459e+00, 1.75769064e+00, -3.61568434e-03),
+    "cogvideox-5b": (-1.53880483e+03, 8.43202495e+02, -1.34363087e+02, 7.97131516e+00, -5.23162339e-02),
+    "cogvideox-5b-i2v": (-1.53880483e+03, 8.43202495e+02, -1.34363087e+02, 7.97131516e+00, -5.23162339e-02),
+    "cogvideox1.5-5b": (2.50210439e+02, -1.65061612e+02, 3.57804877e+01, -7.81551492e-01, 3.58559703e-02),
+    "cogvideox1.5-5b-i2v": (1.22842302e+02, -1.04088754e+02, 2.62981677e+01, -3.06009921e-01, 3.71213220e-02),
+}
+# What makes a model one of the released ones: its shape. A fine-tune of the same shape is not detected,
+# which is why calibrate() exists.
+_SHAPE = ("num_heads", "head_dim", "num_layers", "in_channels", "out_channels", "text_embed_dim", "time_embed_dim",
+          "ofs_embed_dim", "patch_size", "patch_size_t", "use_rotary_positional_embeddings",
+          "use_learned_positional_embeddings")
+
+
+def published_coefficients(cfg: ModelConfig) -> tuple[float, ...]:
+    """The published polynomial of the released checkpoint that `cfg` is; an error for any other model."""
+    ref = PRESETS[cfg.variant]
+    if any(getattr(cfg, k) != getattr(ref, k) for k in _SHAPE):
+        raise ValueError(f"no published TeaCache coefficients for this model: it is a {cfg.variant}-style model of "
+                         f"{cfg.num_layers} layers and width {cfg.dim}, not the released {cfg.variant} "
+                         f"({ref.num_layers} layers, width {ref.dim}). Fit its own with `cogrt calibrate-cache "
+                         f"--model DIR` and pass the file (--teacache-coefficients FILE, or "
+                         f"teacache_coefficients=FILE in the request)")
+    return PUBLISHED[cfg.variant]
+
+
+def read_coefficients(src) -> tuple[float, ...]:
+    """A sequence of numbers, or a JSON file written by `cogrt calibrate-cache` (its "coefficients")."""
+    if isinstance(src, (str, Path)):
+        path = Path(src)
+        if not path.is_file():
+            raise FileNotFoundError(f"TeaCache coefficients file not found: {path}")
+        try:
+            src = json.loads(path.read_text())["coefficients"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a calibrate-cache file (a JSON object with \"coefficients\"): {e}") from e
+    try:
+        out = tuple(float(c) for c in src)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"TeaCache coefficients must be numbers, got {src!r}") from e
+    if not out or not all(math.isfinite(c) for c in out):
+        raise ValueError(f"TeaCache coefficients must be a non-empty list of finite numbers, got {out!r}")
+    return out
+
+
+def fixed_schedule(num_steps: int, computed: int) -> tuple[int, ...]:
+    """BENCHMARK ONLY: `computed` of `num_steps` steps, evenly spread, first and last included.
+
+    On random weights TeaCache's decisions mean nothing, so a speed run forces a schedule instead
+    (22 of 50 is the ratio published for threshold 0.2 on 5B)."""
+    if not (1 <= computed <= num_steps and (computed >= 2 or num_steps == 1)):
+        raise ValueError(f"a fixed schedule computes between 2 (first and last) and {num_steps} steps, got {computed}")
+    if computed == 1:
+        return (0,)
+    return tuple(math.floor(k * (num_steps - 1) / (computed - 1) + 0.5) for k in range(computed))
+
+
+def check_fixed_steps(steps, num_steps: int) -> tuple[int, ...]:
+    out = tuple(sorted({int(s) for s in steps}))
+    if not out or out[0] != 0 or out[-1] != num_steps - 1:
+        raise ValueError(f"fixed TeaCache steps must include the first (0) and the last ({num_steps - 1}) step, "
+                         f"got {list(out)}")
+    return out
+
+
+def rel_l1(prev: torch.Tensor, cur: torch.Tensor) -> float:
+    """mean|cur - prev| / mean|prev|, in fp32; a host sync."""
+    prev, cur = prev.float(), cur.float()
+    return ((cur - prev).abs().mean() / prev.abs().mean()).item()
+
+
+@dataclass
+class TeaCacheState:
+    """One request's step cache: made for the request, thrown away with it."""
+    threshold: float
+    coefficients: tuple[float, ...]
+    num_steps: int
+    fixed: frozenset[int] | None = None  # BENCHMARK ONLY: compute exactly these steps, whatever the indicator says
+    accumulated: float = 0.0  # the rescaled distance summed since the last computed step
+    prev_emb: torch.Tensor | None = None  # the indicator's input at the previous step, (B, time_embed_dim)
+    residual_v: torch.Tensor | None = None  # video stream: blocks' output - input at the last computed step, (B, S, D)
+    residual_c: torch.Tensor | None = None  # text stream, (B, T, D)
+    computed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    trace: list[tuple[float, float]] | None = None  # calibration: (indicator, output change) per step after the first
+    distance: float | None = None  # the indicator at the current step
+    prev_out: torch.Tensor | None = None  # calibration: the previous step's output
+
+    def decide(self, step: int, emb: torch.Tensor) -> bool:
+        """True: run the blocks at this step. Steps must come in order, each once."""
+        if step != len(self.computed) + len(self.skipped) or step >= self.num_steps:
+            raise RuntimeError(f"TeaCacheState got step {step} after {len(self.computed) + len(self.skipped)} steps "
+                               f"of {self.num_steps}: a state serves one request, step by step")
+        self.distance = None
+        if self.prev_emb is not None and (self.fixed is None or self.trace is not None):
+            self.distance = rel_l1(self.prev_emb, emb)
+        self.prev_emb = emb
+        if self.fixed is not None:
+            compute = step in self.fixed
+        elif step == 0 or step == self.num_steps - 1:
+            compute = True
+        else:
+            # a relative distance is never negative, but the published quartics dip below zero near d = 0;
+            # clamped, threshold 0 computes every step and a larger threshold never computes more
+            self.accumulated += max(0.0, float(np.polyval(self.coefficients, self.distance)))
+            compute = self.accumulated >= self.threshold
+        if compute:
+            self.accumulated = 0.0
+        (self.computed if compute else self.skipped).append(step)
+        return compute
+
+
+def new_state(req, num_steps: int) -> TeaCacheState | None:
+    """The state for a request (engine.request.GenerationRequest), or None when its TeaCache is off."""
+    if req.teacache_fixed_steps is not None:
+        return TeaCacheState(0.0, (), num_steps, fixed=frozenset(req.teacache_fixed_steps))
+    if req.teacache is None:
+        return None
+    return TeaCacheState(float(req.teacache), tuple(req.teacache_coefficients), num_steps)
+
+
+def cached_blocks(model, state: TeaCacheState, compute: bool, v, c, temb, rope):
+    """model.run_blocks, or the cached residuals of both streams added to v (B, S, D) and c (B, T, D)."""
+    if not compute:
+        return v + state.residual_v, c + state.residual_c
+    v1, c1 = model.run_blocks(v, c, temb, rope)
+    state.residual_v, state.residual_c = v1 - v, c1 - c
+    return v1, c1
+
+
+def forward(model, state: TeaCacheState, step: int, x, text, timestep, ofs=None, positions=None) -> torch.Tensor:
+    """model(x, text, timestep, ofs, positions) at denoising step `step`, with the blocks skipped where the
+    state says so. The whole CFG batch is decided together."""
+    emb = model.embed_time(timestep, ofs, x.dtype)  # (B, time_embed_dim)
+    compute = state.decide(step, emb)
+    v, c, rope = model.embed(x, text, positions)
+    temb = F.silu(emb)
+    v, c = cached_blocks(model, state, compute, v, c, temb, rope)
+    out = model.head(v, temb, x.shape)
+    if state.trace is not None:
+        if state.prev_out is not None:
+            state.trace.append((state.distance, rel_l1(state.prev_out, out)))
+        state.prev_out = out
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Calibration: fit the polynomial on the model's own trajectories.
+
+DEFAULT_PROMPTS = (
+    "a red fox running through fresh snow in a pine forest",
+    "a busy city street at night with neon signs and passing cars",
+    "waves rolling onto a sandy beach at sunset",
+    "a close-up of a chef slicing vegetables on a wooden board",
+)
+
+
+def calibrate(pipe, prompts=DEFAULT_PROMPTS, steps: int = 50, degree: int = 4, seed: int = 0, **request_kw) -> dict:
+    """Run full trajectories (no step skipped) and fit p with numpy.polyfit so that p(indicator change) estimates
+    the relative L1 change of the transformer output between consecutive steps.
+
+    request_kw go to each GenerationRequest (loras, num_frames, height, width, guidance_scale, image...).
+    Returns the coefficients with the fit quality (R^2 and the mean relative residual) and the raw points."""
+    from .request import GenerationRequest
+    if steps - 1 <= degree:
+        raise ValueError(f"a degree-{degree} fit needs more than {degree + 1} steps, got {steps}")
+    if not prompts:
+        raise ValueError("calibration needs at least one prompt")
+    points = []
+    for k, prompt in enumerate(prompts):
+        req = GenerationRequest(prompt=prompt, num_inference_steps=steps, seed=seed + k, **request_kw)
+        state = TeaCacheState(0.0, (), steps, fixed=frozenset(range(steps)), trace=[])
+        pipe.run(req, cache=state)
+        points += state.trace
+    x, y = np.array(points).T  # (N,) each
+    coefficients = np.polyfit(x, y, degree)
+    fit = np.polyval(coefficients, x)
+    r2 = 1.0 - float(((y - fit) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
+    rel_residual = float((np.abs(y - fit) / np.maximum(np.abs(y), 1e-12)).mean())
+    return {"coefficients": [float(c) for c in coefficients], "degree": degree, "steps": steps,
+            "prompts": len(prompts), "r2": r2, "mean_relative_residual": rel_residual,
+            "points": [[float(a), float(b)] for a, b in zip(x, y)]}
+
