@@ -126,11 +126,10 @@ def sweep_rows():
 
 def prologue_sweep():
     from kernels import qk
-    from engine.model import PRESETS, rope_3d
     B, Nt, H, d = 2, 226, 48, 64
     qkv = torch.randn(B, Nt + 17550, 3 * H * d, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(d, device="cuda", dtype=torch.bfloat16)
-    cos, sin = (t.float().contiguous() for t in rope_3d(PRESETS["cogvideox-5b"], 13, 30, 45, "cuda"))
+    cos, sin = rope_tables()
     best = None
     for bt in (1, 2, 4, 8):
         for warps in (2, 4, 8):
@@ -142,9 +141,14 @@ def prologue_sweep():
     print(f"QK prologue: using BLOCK_T={best[1]} warps={best[2]}", flush=True)
 
 
+def rope_tables():
+    """The 5B RoPE tables at 49 x 480 x 720 (13 x 30 x 45 patches), as the QK prologue takes them."""
+    from engine.model import PRESETS, rope_3d
+    return [t.float().contiguous() for t in rope_3d(PRESETS["cogvideox-5b"], 13, 30, 45, "cuda")]
+
+
 def fused_rows(bandwidth: float):
     """The 5B block's memory-bound passes: kernel vs the native code, B=2, 17,550 video + 226 text tokens."""
-    from engine.model import ModelConfig, PRESETS, rope_3d  # noqa: F401
     from kernels import adaln, qk
     B, Nv, Nt, D, H = 2, 17550, 226, 3072, 48
     d = D // H
@@ -157,8 +161,7 @@ def fused_rows(bandwidth: float):
     w, b = torch.randn(D, device=dev, dtype=dt, generator=g), torch.randn(D, device=dev, dtype=dt, generator=g)
     qkv = torch.randn(B, Nt + Nv, 3 * D, device=dev, dtype=dt, generator=g)
     wq, bq, wk, bk = (torch.randn(d, device=dev, dtype=dt, generator=g) for _ in range(4))
-    cos, sin = rope_3d(PRESETS["cogvideox-5b"], 13, 30, 45, dev)
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    cos, sin = rope_tables()
     n, e = (Nt + Nv) * B * D, dt.itemsize
     cases = [
         ("adaLN modulate (LN + scale/shift, both streams)", 2 * n * e,

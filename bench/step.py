@@ -108,38 +108,35 @@ def main(argv=None):
     n = (tt * hh * ww) + cfg.max_text_seq_length
     flops = B * cfg.num_layers * (24 * n * cfg.dim**2 + 4 * n * n * cfg.dim)
     rows = []
+
+    def measure(name, fn, ours_sdpa=None):
+        """Time fn, then its output's error against diffusers (cuDNN) and, given it, against ours with sdpa."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        ms = statistics.median(cuda_times(fn, args.warmup, args.iters))
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        out = fn().float()
+        row = dict(name=name, ms=ms, tflops=flops / ms / 1e9, peak_gib=peak,
+                   rel_err=((out - ref_out).norm() / ref_out.norm()).item())
+        line = (f"{name:34s} {ms:9.1f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  peak {peak:5.1f} GiB  "
+                f"rel err {row['rel_err']:.2e}")
+        if ours_sdpa is not None:
+            row["rel_err_vs_ours_sdpa"] = ((out - ours_sdpa).norm() / ours_sdpa.norm()).item()
+            line += f"  vs ours-sdpa {row['rel_err_vs_ours_sdpa']:.2e}"
+        rows.append(row)
+        print(line, flush=True)
+        return out
+
     with torch.no_grad():
         ref_out = run_ref([SDPBackend.CUDNN_ATTENTION])().float()
-        for name, fn in [("diffusers eager (SDPA default)", run_ref()),
-                         ("diffusers eager (SDPA cuDNN)", run_ref([SDPBackend.CUDNN_ATTENTION])),
-                         ("cogrt exact, eager (sdpa)", run_ours)]:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            ms = statistics.median(cuda_times(fn, args.warmup, args.iters))
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            out = fn().float()
-            rel = ((out - ref_out).norm() / ref_out.norm()).item()
-            rows.append(dict(name=name, ms=ms, tflops=flops / ms / 1e9, peak_gib=peak, rel_err=rel))
-            print(f"{name:34s} {ms:9.1f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  peak {peak:5.1f} GiB  rel err {rel:.2e}",
-                  flush=True)
-        ours_sdpa = run_ours().float()
-        variants = [(b, f) for b in filter(None, args.backends.split(",")) for f in ([False, True] if args.fused_norms
-                                                                                    else [False])]
-        for backend, fused in variants:
-            ours.set_attention_backend(backend)
-            ours.set_fused_norms(fused)
-            name = f"cogrt eager, {backend}" + (" + fused norms" if fused else "")
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            ms = statistics.median(cuda_times(run_ours, args.warmup, args.iters))
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            out = run_ours().float()
-            rel = ((out - ref_out).norm() / ref_out.norm()).item()
-            rel_sdpa = ((out - ours_sdpa).norm() / ours_sdpa.norm()).item()
-            rows.append(dict(name=name, ms=ms, tflops=flops / ms / 1e9, peak_gib=peak, rel_err=rel,
-                             rel_err_vs_ours_sdpa=rel_sdpa))
-            print(f"{name:34s} {ms:9.1f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  peak {peak:5.1f} GiB  rel err {rel:.2e}"
-                  f"  vs ours-sdpa {rel_sdpa:.2e}", flush=True)
+        measure("diffusers eager (SDPA default)", run_ref())
+        measure("diffusers eager (SDPA cuDNN)", run_ref([SDPBackend.CUDNN_ATTENTION]))
+        ours_sdpa = measure("cogrt exact, eager (sdpa)", run_ours)
+        for backend in filter(None, args.backends.split(",")):
+            for fused in [False, True] if args.fused_norms else [False]:
+                ours.set_attention_backend(backend)
+                ours.set_fused_norms(fused)
+                measure(f"cogrt eager, {backend}" + (" + fused norms" if fused else ""), run_ours, ours_sdpa)
         ours.set_attention_backend("sdpa")
         ours.set_fused_norms(False)
         if args.profile:

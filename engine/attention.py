@@ -38,21 +38,20 @@ _LAZY = {"triton": ("kernels.attention", "triton"), "triton-fp8": ("kernels.atte
 
 def get_backend(name: str) -> Backend:
     if name not in _BACKENDS and name in _LAZY:
-        import importlib.util
         module, package = _LAZY[name]
-        if importlib.util.find_spec(package) is None:
+        if not _installed(name):
             raise ValueError(f"attention backend {name!r} needs the {package!r} package, which is not installed; "
                              f"available: {', '.join(available())}")
+        import importlib
         importlib.import_module(module)  # registers itself
     if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(available())}")
     return _BACKENDS[name]
 
 
 def available() -> list[str]:
     """Registered backends, and those in kernels/ whose package is installed."""
-    from importlib.util import find_spec
-    return sorted(set(_BACKENDS) | {n for n, (_, pkg) in _LAZY.items() if find_spec(pkg) is not None})
+    return sorted(n for n in set(_BACKENDS) | set(_LAZY) if _installed(n))
 
 
 def _installed(name: str) -> bool:
@@ -113,7 +112,7 @@ def choose(q, k, v) -> str:
     """The backend `auto` uses for these inputs' shape, dtype and GPU (measured once, then remembered)."""
     if not q.is_cuda:
         return "sdpa"
-    key = (torch.cuda.get_device_name(q.device), tuple(q.shape), q.dtype)
+    key = (q.device, tuple(q.shape), q.dtype)
     if key not in _auto_choice:
         if torch.compiler.is_compiling():  # no timing inside a trace; the first eager call decides
             return "sdpa"

@@ -209,17 +209,23 @@ def _(q, k, v):
 
 
 @triton.jit
-def _quant_rows_kernel(x_ptr, mean_ptr, out_ptr, scale_ptr, N, sxb, sxh, sxn, H, HEAD_DIM: tl.constexpr,
-                       BLOCK: tl.constexpr, HAS_MEAN: tl.constexpr, INT8: tl.constexpr, EXACT: tl.constexpr):
-    """One tile of BLOCK rows of one head -> int8 (or e4m3) with one scale; the mean is subtracted first."""
+def _head_tile(x_ptr, N, sxb, sxh, sxn, H, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (t, b·H + h)'s tile: BLOCK rows of head h of x (B, H, N, d) in fp32, zeros past N."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     rows = t * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
     ok = rows[:, None] < N
-    x = tl.load(x_ptr + b * sxb + h * sxh + rows[:, None] * sxn + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + (bh // H) * sxb + (bh % H) * sxh + rows[:, None] * sxn + cols[None, :], mask=ok,
+                other=0.0).to(tl.float32)
+    return x, t, bh, rows, cols, ok
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, mean_ptr, out_ptr, scale_ptr, N, sxb, sxh, sxn, H, HEAD_DIM: tl.constexpr,
+                       BLOCK: tl.constexpr, HAS_MEAN: tl.constexpr, INT8: tl.constexpr, EXACT: tl.constexpr):
+    """One tile of BLOCK rows of one head -> int8 (or e4m3) with one scale; the mean is subtracted first."""
+    x, t, bh, rows, cols, ok = _head_tile(x_ptr, N, sxb, sxh, sxn, H, HEAD_DIM, BLOCK)
     if HAS_MEAN:
         x = tl.where(ok, x - tl.load(mean_ptr + bh * HEAD_DIM + cols)[None, :], 0.0)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-12)
@@ -238,14 +244,7 @@ def _quant_rows_kernel(x_ptr, mean_ptr, out_ptr, scale_ptr, N, sxb, sxh, sxn, H,
 def _quant_v_kernel(v_ptr, mean_ptr, scale_ptr, out_ptr, N, N_PAD, svb, svh, svn, H,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr):
     """(V - its mean) / its per-channel scale -> e4m3, written transposed (B, H, d, N_pad), zeros past N."""
-    t = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rows = t * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, HEAD_DIM)
-    ok = rows[:, None] < N
-    v = tl.load(v_ptr + b * svb + h * svh + rows[:, None] * svn + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    v, t, bh, rows, cols, ok = _head_tile(v_ptr, N, svb, svh, svn, H, HEAD_DIM, BLOCK)
     v = tl.where(ok, (v - tl.load(mean_ptr + bh * HEAD_DIM + cols)[None, :])
                  / tl.load(scale_ptr + bh * HEAD_DIM + cols)[None, :], 0.0)
     tl.store(out_ptr + (bh * HEAD_DIM + cols[None, :]) * N_PAD + rows[:, None], _e4m3(v, EXACT))

@@ -9,7 +9,7 @@ from kernels import attention as fa  # noqa: E402
 from engine import attention  # noqa: E402
 
 from bench.kernels import realistic_qkv, sampled_error  # noqa: E402
-from tests.kernel_cases import DEV, DTYPES  # noqa: E402
+from tests.kernel_cases import DEV, DTYPES, transformer_case  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
 
@@ -110,7 +110,7 @@ def test_real_shape_low_precision(heads, N):
 
 def test_auto_backend_is_sdpa_off_the_gpu():
     q = torch.randn(1, 2, 10, 16)
-    assert attention.choose(q, q, q) == ("sdpa" if not q.is_cuda else attention.choose(q, q, q))
+    assert attention.choose(q, q, q) == "sdpa"
     torch.testing.assert_close(attention.attend(q, q, q, "auto"), attention.attend(q, q, q, "sdpa"))
 
 
@@ -124,11 +124,7 @@ def test_auto_backend_picks_an_accurate_one():
 
 
 def test_transformer_with_triton_attention_matches_sdpa(checkpoint):
-    from engine.loader import load_transformer
-    model = load_transformer(checkpoint("5b") / "transformer").to(DEV)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, model.cfg.in_channels, 6, 10, generator=g).to(DEV)
-    text, t = torch.randn(1, 226, model.cfg.text_embed_dim, generator=g).to(DEV), torch.tensor([900], device=DEV)
+    model, x, text, t = transformer_case(checkpoint)
     with torch.no_grad():
         ref = model(x, text, t)
         model.set_attention_backend("triton")

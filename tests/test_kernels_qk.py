@@ -5,7 +5,7 @@ import torch
 triton = pytest.importorskip("triton")
 from kernels import qk  # noqa: E402
 
-from tests.kernel_cases import DEV, DTYPES  # noqa: E402
+from tests.kernel_cases import DEV, DTYPES, transformer_case  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
 
@@ -69,11 +69,7 @@ def test_reference_is_the_engine_block(monkeypatch):
 
 def test_transformer_with_fused_norms_matches_native(checkpoint):
     """Model level: the engine's transformer (5B layout: RoPE) through the kernels against its native path."""
-    from engine.loader import load_transformer
-    model = load_transformer(checkpoint("5b") / "transformer").to(DEV)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, model.cfg.in_channels, 6, 10, generator=g).to(DEV)
-    text, t = torch.randn(1, 226, model.cfg.text_embed_dim, generator=g).to(DEV), torch.tensor([900], device=DEV)
+    model, x, text, t = transformer_case(checkpoint)
     with torch.no_grad():
         ref = model(x, text, t)
         model.set_fused_norms(True)
