@@ -43,10 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a diffusers-format LoRA; repeat to stack. WEIGHT multiplies the file's alpha/r")
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    g.add_argument("--attention", default="sdpa",
-                   help="attention backend: sdpa, triton, triton-fp8 (int8 Q·K, fp8 P·V), auto, sage, flash-attn, ...")
-    g.add_argument("--fused-norms", action="store_true",
-                   help="run the blocks' adaLN, QK norm + RoPE and residual passes through the Triton kernels")
+    add_mode_args(g)
     g.add_argument("--offload", action="store_true", help="model CPU offload, for small GPUs")
     g.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", default=None)
     g.add_argument("--no-vae-tiling", dest="vae_tiling", action="store_false")
@@ -95,6 +92,33 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def add_mode_args(p) -> None:
+    """--mode and the switches of its single transforms (engine/modes.py); unset switches follow the mode."""
+    from .modes import MODES, QUANTS, TEXT_ENCODER
+    p.add_argument("--mode", choices=MODES, default="exact",
+                   help="exact: bf16; fp8: fp8 linear layers and attention; fast: fp8 + TeaCache; int8-*: for GPUs "
+                        "without fp8. On a GPU every mode also fuses the norm kernels and compiles the blocks")
+    p.add_argument("--quant", choices=(*QUANTS, "none"), default=None, help="override the mode's quantization")
+    p.add_argument("--attention", default=None,
+                   help="attention backend: sdpa, triton, triton-fp8 (int8 Q·K, fp8 P·V), auto, sage, flash-attn, ...")
+    p.add_argument("--fused-norms", dest="fused_norms", action="store_true", default=None,
+                   help="run the blocks' adaLN, QK norm + RoPE and residual passes through the Triton kernels")
+    p.add_argument("--no-fused-norms", dest="fused_norms", action="store_false")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="regional torch.compile of the transformer blocks (default on GPUs)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--cuda-graphs", action="store_true", default=None, help="compile with CUDA graphs")
+    p.add_argument("--text-encoder", choices=TEXT_ENCODER, default=None,
+                   help="T5: full (model dtype), int8 (weights), or offload (host memory between requests)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="where compiled code is kept (default: $COGRT_CACHE/compile or ~/.cache/cogrt/compile)")
+
+
+def mode_kwargs(a) -> dict:
+    return dict(mode=a.mode, quant=a.quant, attention=a.attention, fused_norms=a.fused_norms, compile=a.compile,
+                cuda_graphs=a.cuda_graphs, text_encoder=a.text_encoder, cache_dir=a.compile_cache)
+
+
 def cmd_generate(a) -> int:
     import torch
 
@@ -110,8 +134,7 @@ def cmd_generate(a) -> int:
                             use_dynamic_cfg=a.dynamic_cfg, seed=a.seed, loras=tuple(a.lora), teacache=a.teacache,
                             teacache_coefficients=a.teacache_coefficients, teacache_fixed_steps=fixed)
     pipe = load_pipeline(_model(a), device=a.device, dtype=getattr(torch, DTYPES[a.dtype]) if a.dtype else None,
-                         offload=a.offload, attention=a.attention, vae_tiling=a.vae_tiling,
-                         fused_norms=a.fused_norms)
+                         offload=a.offload, vae_tiling=a.vae_tiling, **mode_kwargs(a))
     res = pipe.run(req, progress=True)
     out = write_mp4(res.frames, a.output, a.fps or res.fps)
     if a.frames_npy:
@@ -119,7 +142,7 @@ def cmd_generate(a) -> int:
     t = res.timings
     print(f"wrote {out} ({res.frames.shape[0]} frames, {res.frames.shape[2]}x{res.frames.shape[1]}, "
           f"seed {res.seed}) text {t['text']:.2f}s denoise {t['denoise']:.2f}s decode {t['decode']:.2f}s "
-          f"total {t['total']:.2f}s")
+          f"total {t['total']:.2f}s (mode {res.mode})")
     if a.teacache is not None or fixed:
         print(f"TeaCache: computed {len(res.steps_computed)} of {a.steps} steps: {res.steps_computed}")
     return 0

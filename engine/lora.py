@@ -1,4 +1,4 @@
-"""LoRA files → weight deltas fused into the transformer for one request, then restored.
+"""LoRA files → weight deltas fused into the transformer's weights, and switched per request.
 
 A diffusers-format LoRA has keys `transformer.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r).
 The scale of each module's delta B @ A comes from the file, so that nobody passes a number by hand:
@@ -149,17 +149,32 @@ def write_lora(path: str | Path, lf: LoraFile) -> Path:
     return save_lora_file(path, lf.pairs, r, scales.pop() * r)
 
 
-class FusedLoras:
-    """Adds the deltas of several weighted LoRAs into the model's weights; `restore()` puts the originals back.
+class LoraState:
+    """The LoRA set fused into a model's weights now, and the original weights of the layers it touched.
 
-    Every shape is checked before any weight is touched, so a bad file leaves the model as it was.
+    `switch(loras)` makes `loras` (a list of (LoraFile, weight)) the fused set. Every shape is checked before
+    any weight is touched, so a bad file leaves the model as it was. Then only the layers that the old set
+    or the new one touches are rewritten, each as original + sum(weight * alpha/r * B @ A), through `write`
+    (`engine.quant.write_weight`, which re-quantizes a quantized layer in place). A request with the set
+    that is fused already costs nothing.
+
+    The originals stay in host memory, pinned where there is CUDA so that a restore copies at full speed.
+    A layer's original is copied when a LoRA first touches it; a quantized model has lost its originals, so
+    the runner hands them over (`originals=`) before it quantizes.
     """
 
-    def __init__(self, model: torch.nn.Module, loras: list[tuple[LoraFile, float]]):
-        self.model, self.saved = model, {}
-        modules = dict(model.named_modules())
-        dim = model.cfg.dim
-        plan = []
+    def __init__(self, model: torch.nn.Module, write=None, originals: dict[str, torch.Tensor] | None = None):
+        self.model = model
+        self.write = write or (lambda linear, w: linear.weight.copy_(w))
+        self.originals = {} if originals is None else originals  # layer name -> host copy of its base weight
+        self.key: tuple = ()  # what is fused now: ((path, mtime, size, weight), ...)
+        self.touched: set[str] = set()  # layers that hold a delta now
+
+    def plan(self, loras: list[tuple[LoraFile, float]]) -> dict[str, list]:
+        """Layer name -> [(rows, A, B, scale)], after checking every module and shape."""
+        modules = dict(self.model.named_modules())
+        dim = self.model.cfg.dim
+        plan: dict[str, list] = {}
         for lf, weight in loras:
             for m, (a, b) in lf.pairs.items():
                 target = modules.get(engine_name(m))
@@ -170,21 +185,57 @@ class FusedLoras:
                 if a.dim() != 2 or b.dim() != 2 or (b.shape[0], a.shape[1]) != want or a.shape[0] != b.shape[1]:
                     raise CheckpointError(f"{lf.path}: LoRA for {m!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                                           f"which do not fit the model's {want[0]}x{want[1]} weight")
-                plan.append((engine_name(m), target, rows, a, b, weight * lf.scales[m]))
-        with torch.no_grad():
-            for name, target, rows, a, b, s in plan:
-                w = target.weight
-                if name not in self.saved:  # kept in host memory: a 5B attention LoRA touches ~3 GB of weights
-                    self.saved[name] = w.detach().to("cpu", copy=True)
-                delta = b.to(w.device, torch.float32) @ a.to(w.device, torch.float32)
-                w[rows] = (w[rows].float() + s * delta).to(w.dtype)
+                plan.setdefault(engine_name(m), []).append((rows, a, b, weight * lf.scales[m]))
+        return plan
 
-    def restore(self) -> None:
+    def switch(self, loras: list[tuple[LoraFile, float]], key: tuple | None = None) -> None:
+        key = lora_key([(lf.path, w) for lf, w in loras]) if key is None else key
+        if key == self.key:
+            return
+        plan = self.plan(loras)
         modules = dict(self.model.named_modules())
         with torch.no_grad():
-            for name, w in self.saved.items():
-                modules[name].weight.copy_(w)
-        self.saved.clear()
+            for name in sorted(self.touched | set(plan)):
+                linear = modules[name]
+                if name not in self.originals:  # untouched until now, so its weight is the original
+                    self.originals[name] = host_copy(linear.weight)
+                orig = self.originals[name]
+                dev = linear.weight.device
+                if name not in plan:
+                    self.write(linear, orig.to(dev, non_blocking=True))
+                    continue
+                w = orig.to(dev, torch.float32, non_blocking=True, copy=True)  # never a view of the original
+                for rows, a, b, s in plan[name]:
+                    w[rows] += s * (b.to(dev, torch.float32) @ a.to(dev, torch.float32))
+                self.write(linear, w.to(orig.dtype))
+        self.touched, self.key = set(plan), key
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory, pinned where CUDA is there (a 5B attention LoRA touches ~3 GB of weights)."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+    return out.copy_(t.detach())
+
+
+def lora_key(loras) -> tuple:
+    """Names a LoRA set by its files' paths, modification times and sizes, and the weights: a file rewritten
+    in place gets a new key."""
+    out = []
+    for path, weight in loras:
+        st = Path(path).stat()
+        out.append((str(Path(path).resolve()), st.st_mtime_ns, st.st_size, float(weight)))
+    return tuple(out)
+
+
+class FusedLoras:
+    """`with FusedLoras(model, loras):` the LoRAs fused for the block, the original weights after it."""
+
+    def __init__(self, model: torch.nn.Module, loras: list[tuple[LoraFile, float]]):
+        self.state = LoraState(model)
+        self.state.switch(loras)
+
+    def restore(self) -> None:
+        self.state.switch([], key=())
 
     def __enter__(self):
         return self

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import loader, teacache
-from .lora import FusedLoras, read_lora
+from . import loader, modes, teacache
+from .lora import lora_key, read_lora
 from .model import CogVideoXTransformer, ModelConfig
 from .request import GenerationRequest, GenerationResult
+from .runner import COMPILE_ERRORS, Runner
 
 # The untiled decode of 49 x 480 x 720 peaked at 15.4 GB in bf16 on the H100 (ANCHORS.md); scale from there.
 _DECODE_BYTES_PER_PIXEL_FRAME = 15.4e9 / (49 * 480 * 720) / 2
@@ -31,14 +32,18 @@ class OutOfMemory(RuntimeError):
 
 
 class Pipeline:
-    def __init__(self, transformer: CogVideoXTransformer, vae, text_encoder, tokenizer, scheduler_config: dict,
-                 device: torch.device, dtype: torch.dtype, offload: bool = False, vae_tiling: bool | None = None):
+    def __init__(self, runner: Runner, vae, text_encoder, tokenizer, scheduler_config: dict, device: torch.device,
+                 dtype: torch.dtype, offload: bool = False, mode: str = "exact", coefficients: Path | None = None):
+        """Use `load_pipeline` or `assemble`. `coefficients`: the model's own TeaCache fit, if it ships one."""
         from diffusers.video_processor import VideoProcessor
-        self.transformer, self.vae, self.text_encoder, self.tokenizer = transformer, vae, text_encoder, tokenizer
+        self.runner, self.transformer = runner, runner.model
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self.scheduler_config = dict(scheduler_config)
-        self.device, self.dtype, self.offload, self.vae_tiling = device, dtype, offload, vae_tiling
+        self.device, self.dtype, self.offload = device, dtype, offload
+        self.mode, self.transforms, self.coefficients = mode, runner.transforms, coefficients
+        self.vae_tiling = self.transforms.vae_tiling
         self.video_processor = VideoProcessor(vae_scale_factor=8)
-        self._lock = threading.Lock()  # one request at a time: LoRA fusing edits the shared weights
+        self._lock = threading.Lock()  # one request at a time: LoRA switching edits the shared weights
 
     @property
     def cfg(self) -> ModelConfig:
@@ -52,32 +57,58 @@ class Pipeline:
     def run(self, req: GenerationRequest, progress: bool = False,
             cache: teacache.TeaCacheState | None = None) -> GenerationResult:
         """`cache` replaces the step cache the request would make (calibration passes one that records)."""
-        req.check_for(self.cfg)
-        loras = [(read_lora(p), w) for p, w in req.loras]  # read and checked before the lock is taken
+        mode = self.resolve(req)
+        key = lora_key(req.loras)
+        # read and checked before the lock is taken; a set that is fused already is not read again
+        loras = [(read_lora(p), w) for p, w in req.loras] if key != self.runner.loras.key else None
         with self._lock:
             try:
-                return self._run(req, loras, progress, cache)
+                try:
+                    return self._run(req, mode, loras, key, progress, cache)
+                except COMPILE_ERRORS as e:
+                    if not self.runner.compiled or cache is not None:
+                        raise
+                    self.runner.uncompile(e)  # every block back to eager, then the request once more
+                    return self._run(req, mode, loras, key, progress, cache)
             except torch.OutOfMemoryError as e:
                 torch.cuda.empty_cache()
                 raise OutOfMemory(
                     f"out of GPU memory generating {req.num_frames}x{req.height}x{req.width}: {e}. Try VAE tiling "
-                    f"(--vae-tiling), model CPU offload (--offload), or fewer frames / a smaller size.") from e
+                    f"(--vae-tiling), model CPU offload (--offload), a quantized mode (--mode fp8), or fewer "
+                    f"frames / a smaller size.") from e
 
-    def _run(self, req, loras, progress, cache) -> GenerationResult:
+    def resolve(self, req: GenerationRequest) -> str:
+        """Apply the pipeline's mode and the model's own rules to `req`; returns the mode it runs in."""
+        mode = req.mode or self.mode
+        allowed = modes.request_modes(self.mode, self.transforms)
+        if mode not in allowed:
+            raise ValueError(f"this pipeline was loaded in mode {self.mode!r} ({self.transforms.describe()}); a "
+                             f"request can ask for {', '.join(allowed)} here. Load another pipeline for {mode!r}")
+        if mode == "fast" and req.teacache is None and req.teacache_fixed_steps is None:
+            req.teacache = self.transforms.teacache or modes.FAST_TEACACHE
+        if req.teacache is not None and req.teacache_coefficients is None and self.coefficients is not None:
+            req.teacache_coefficients = teacache.read_coefficients(self.coefficients)
+        req.check_for(self.cfg)
+        return mode
+
+    def _run(self, req, mode, loras, key, progress, cache) -> GenerationResult:
         times, t0 = {}, time.perf_counter()
         if cache is None:  # a fresh step cache for each request (None when TeaCache is off)
             cache = teacache.new_state(req, req.num_inference_steps)
         gen = torch.Generator("cpu").manual_seed(req.seed)
         cfg_on = req.guidance_scale > 1.0
 
-        with self._on_device(self.text_encoder):
+        with self._on_device(self.text_encoder, self.transforms.text_encoder == "offload"):
             text = self.encode_text([req.negative_prompt, req.prompt] if cfg_on else [req.prompt])
         times["text"] = self._lap(t0)
 
-        t1 = time.perf_counter()
-        with self._on_device(self.transformer), FusedLoras(self.transformer, loras):
+        with self._on_device(self.transformer):
+            if loras is not None:
+                times["lora"] = self.runner.switch_loras(loras, key)
+            t1 = time.perf_counter()
             latents, extra = self.denoise(req, text, gen, progress, cache)
         times["denoise"] = self._lap(t1)
+        times.setdefault("lora", 0.0)
 
         t2 = time.perf_counter()
         with self._on_device(self.vae):
@@ -86,7 +117,21 @@ class Pipeline:
         times["total"] = time.perf_counter() - t0
         computed, skipped = (cache.computed, cache.skipped) if cache else (list(range(req.num_inference_steps)), [])
         return GenerationResult(frames=frames, latents=latents[:, extra:], seed=req.seed, fps=self.cfg.fps,
-                                timings=times, steps_computed=computed, steps_skipped=skipped)
+                                timings=times, steps_computed=computed, steps_skipped=skipped, mode=mode)
+
+    def warm_up(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                guidance: bool = True) -> float:
+        """Run the transformer once at a request shape (the model's default size), so that compiling happens
+        now and not in the first request. Returns its seconds."""
+        req = GenerationRequest(prompt="", num_frames=num_frames, height=height, width=width, seed=0,
+                                guidance_scale=6.0 if guidance else 1.0)
+        req.check_for(self.cfg)
+        frames = req.latent_frames
+        if self.cfg.patch_size_t:
+            frames += (-frames) % self.cfg.patch_size_t
+        with self._on_device(self.transformer):
+            return self.runner.warm_up(frames, req.height // 8, req.width // 8, 2 if guidance else 1,
+                                       self.cfg.max_text_seq_length, self.device, self.dtype)
 
     def _lap(self, since: float) -> float:
         if self.device.type == "cuda":
@@ -94,9 +139,9 @@ class Pipeline:
         return time.perf_counter() - since
 
     @contextlib.contextmanager
-    def _on_device(self, module):
-        """With model CPU offload, a component visits the GPU only for its own stage."""
-        if not self.offload:
+    def _on_device(self, module, offloaded: bool = False):
+        """With model CPU offload (or `offloaded`), a component visits the GPU only for its own stage."""
+        if not (self.offload or offloaded):
             yield
             return
         module.to(self.device)
@@ -176,6 +221,7 @@ class Pipeline:
                 x = sched.scale_model_input(x, t)
                 if image is not None:
                     x = torch.cat([x, image], dim=2)
+                self.runner.step_begin()
                 if cache is None:
                     v = self.transformer(x, text, t.expand(x.shape[0]), ofs=ofs, positions=positions)
                 else:
@@ -207,11 +253,22 @@ class Pipeline:
         if tiling is None:  # auto: tile when the untiled decode would not fit in what is free
             need = _DECODE_BYTES_PER_PIXEL_FRAME * req.num_frames * req.height * req.width * self.vae.dtype.itemsize
             tiling = need > 0.8 * free_memory(self.device)
-        if tiling:
+        if tiling and _tiles_fit(self.vae):
             self.vae.enable_tiling()
         else:
             self.vae.disable_tiling()
         self.vae.enable_slicing()
+
+
+def _tiles_fit(vae) -> bool:
+    """diffusers' tiled decode steps by int(tile * (1 - overlap)) latents but keeps tile - int(tile * overlap)
+    pixels of each tile. The two agree for the real VAE (30 latents: 25 x 8 = 240 - 40 pixels) and disagree for
+    small tiles (a 64-pixel tile: 6 x 8 != 64 - 10), where the video comes out mis-sized. Such a VAE is small
+    enough not to need tiling."""
+    v = vae
+    return all(int(lat * (1 - f)) * 8 == px - int(px * f) for lat, px, f in (
+        (v.tile_latent_min_height, v.tile_sample_min_height, v.tile_overlap_factor_height),
+        (v.tile_latent_min_width, v.tile_sample_min_width, v.tile_overlap_factor_width)))
 
 
 def free_memory(device: torch.device) -> int:
@@ -238,14 +295,16 @@ def load_image(image):
 # ----------------------------------------------------------------------------------------------------
 
 def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None, offload: bool = False,
-                  attention: str = "sdpa", vae_tiling: bool | None = None,
-                  transformer: CogVideoXTransformer | None = None, fused_norms: bool = False) -> Pipeline:
+                  mode: str = "exact", transformer: CogVideoXTransformer | None = None, warm_up: bool = False,
+                  cache_dir: str | Path | None = None, keep_originals: bool = True, **transforms) -> Pipeline:
     """Load a diffusers-format CogVideoX directory (or hub id) into a ready pipeline.
 
     device defaults to CUDA where present, else CPU; dtype to bf16 on CUDA and fp32 on the CPU.
-    `transformer` replaces the checkpoint's own (the trainer validates its model this way).
-    `attention` names a backend of engine/attention.py; `fused_norms` routes the blocks' norm, QK prologue and
-    residual passes through the Triton kernels (kernels/).
+    `mode` names a set of transforms (engine/modes.py: exact, fp8, fast, int8-dynamic, int8-weight-only);
+    `transforms` set single ones over it: quant, attention, fused_norms, compile, cuda_graphs, text_encoder,
+    vae_tiling, teacache. `transformer` replaces the checkpoint's own (the trainer validates its model this
+    way). `warm_up` runs the transformer once at the model's default size, so that the first request does
+    not pay for compiling; compiled code is cached in `cache_dir` (default: engine.runner.default_cache_dir()).
     """
     from diffusers import AutoencoderKLCogVideoX
     from transformers import AutoTokenizer, T5EncoderModel
@@ -253,6 +312,10 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     root = loader.resolve(path_or_hub_id)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    chosen = modes.transforms_for(mode, device, **transforms)  # a bad mode fails before anything loads
+    if offload and chosen.quant:
+        raise ValueError(f"model CPU offload and {chosen.quant} quantization do not go together here; the "
+                         f"quantized modes fit 5B in 16 GB without offload")
     loader.read_json(root / "model_index.json")
     for comp, stem in (("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
         loader.read_json(root / comp / "config.json")
@@ -268,12 +331,32 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     home = torch.device("cpu") if offload else device
     if transformer is None:
         transformer = loader.load_transformer(root / "transformer", home, dtype)
-    transformer.set_attention_backend(attention)
-    transformer.set_fused_norms(fused_norms)
     try:
         vae = AutoencoderKLCogVideoX.from_pretrained(root / "vae", torch_dtype=dtype).to(home).eval()
-        text_encoder = T5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(home).eval()
+        text_encoder = T5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     except (OSError, ValueError) as e:
         raise loader.CheckpointError(f"could not load a component of {root}: {e}") from e
-    return Pipeline(transformer, vae, text_encoder, tokenizer, sched_cfg, device, dtype, offload, vae_tiling)
+    coefficients = root / "teacache_coefficients.json"
+    pipe = assemble(transformer, vae, text_encoder.to(home), tokenizer, sched_cfg, device, dtype, mode, chosen,
+                    offload=offload, cache_dir=cache_dir, keep_originals=keep_originals,
+                    coefficients=coefficients if coefficients.is_file() else None)
+    if warm_up:
+        pipe.warm_up()
+    return pipe
+
+
+def assemble(transformer, vae, text_encoder, tokenizer, scheduler_config: dict, device, dtype, mode: str = "exact",
+             transforms: modes.Transforms | None = None, offload: bool = False, cache_dir=None,
+             keep_originals: bool = True, coefficients: Path | None = None) -> Pipeline:
+    """A pipeline from components already in memory (benchmarks build random ones this way): the transforms
+    of `mode` (or `transforms`) are applied here, in the runner's order."""
+    device = torch.device(device)
+    transforms = transforms or modes.transforms_for(mode, device)
+    if transforms.text_encoder == "int8":
+        from .quant import quantize_text_encoder
+        quantize_text_encoder(text_encoder)
+    elif transforms.text_encoder == "offload":
+        text_encoder.to("cpu")
+    runner = Runner(transformer, transforms, cache_dir=cache_dir, keep_originals=keep_originals)
+    return Pipeline(runner, vae, text_encoder, tokenizer, scheduler_config, device, dtype, offload, mode, coefficients)

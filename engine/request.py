@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 
 from .model import ModelConfig
+from .modes import check_mode
 from .teacache import check_fixed_steps, published_coefficients, read_coefficients
-
-MODES = ("exact",)  # the fast modes register here as they land
 
 
 @dataclass
@@ -33,7 +32,7 @@ class GenerationRequest:
     use_dynamic_cfg: bool = False
     seed: int | None = None  # None: a random seed, reported in the result
     loras: tuple[tuple[str, float], ...] = ()  # (path, weight); weight multiplies the file's alpha/r
-    mode: str = "exact"
+    mode: str | None = None  # engine.modes.MODES; None: the pipeline's own. fast = fp8 + TeaCache
     teacache: float | None = None  # TeaCache threshold (0.1-0.3 are usual); None: every step is computed
     # the polynomial, highest power first, or a `cogrt calibrate-cache` JSON file; None: the published one
     teacache_coefficients: Any = None
@@ -58,8 +57,8 @@ class GenerationRequest:
             self.seed = random.randrange(2**63)
         elif not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; valid modes: {', '.join(MODES)}")
+        if self.mode is not None:
+            check_mode(self.mode)
         loras = []
         for item in self.loras:
             path, weight = (item, 1.0) if isinstance(item, (str, os.PathLike)) else item
@@ -121,6 +120,8 @@ class GenerationResult:
     latents: Any  # torch.Tensor (1, F_latent, C, H/8, W/8), the denoised latents before decoding
     seed: int
     fps: int
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: text, denoise, decode, total
+    # seconds per stage: text, denoise, decode, total, and lora (switching the fused LoRA set; 0 when unchanged)
+    timings: dict[str, float] = field(default_factory=dict)
     steps_computed: list[int] = field(default_factory=list)  # step indices whose blocks ran
     steps_skipped: list[int] = field(default_factory=list)  # step indices served from the TeaCache residuals
+    mode: str = "exact"  # the mode the request ran in

@@ -66,7 +66,8 @@ def test_transformer_bf16_matches_diffusers(checkpoint, variant):
     assert rel_err(got, want) <= 1e-2
 
 
-@pytest.mark.parametrize("name", attention.available())
+# the low-precision backends have their own bounds, on realistic inputs, in test_kernels_attention.py
+@pytest.mark.parametrize("name", [n for n in attention.available() if n not in attention.LOW_PRECISION])
 @pytest.mark.parametrize("shape", [(1, 3, 263, 64), (1, 3, 1, 64), (2, 48, 1000, 64)])
 def test_attention_backend_bf16_cuda(name, shape):
     g = torch.Generator().manual_seed(1)

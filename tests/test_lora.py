@@ -1,4 +1,5 @@
-"""Per-request LoRA: scale from the file's metadata, fused for one request, restored after, as diffusers does."""
+"""LoRA: scale from the file's metadata, fused per request and kept until a request asks for another set, as
+diffusers' load_lora_weights would give."""
 from __future__ import annotations
 
 import json
@@ -77,8 +78,34 @@ def test_lora_changes_output_and_restores_weights(pipe, tmp_path):
     base = pipe.generate(PROMPT, **REQ, seed=3).frames
     lora = pipe.generate(PROMPT, **REQ, seed=3, loras=[(path, 1.0)]).frames
     assert frames_diff(base, lora) > 5
-    assert_same_state(pipe.transformer, before)
+    # the set stays fused until a request asks for another; one without LoRAs puts the originals back
+    again = pipe.generate(PROMPT, **REQ, seed=3, loras=[(path, 1.0)])
+    assert again.timings["lora"] == 0.0 and np.array_equal(again.frames, lora)
     assert np.array_equal(pipe.generate(PROMPT, **REQ, seed=3).frames, base)
+    assert_same_state(pipe.transformer, before)
+
+
+def test_switching_loras_rewrites_only_the_layers_they_touch(pipe, tmp_path):
+    a = make_lora(tmp_path / "a.safetensors", seed=1)
+    b = make_lora(tmp_path / "b.safetensors", seed=2, num_layers=1)  # block 0 only
+    before = state(pipe.transformer)
+    only_b = pipe.generate(PROMPT, **REQ, seed=5, loras=[(b, 1.0)]).frames
+    pipe.generate(PROMPT, **REQ, seed=5, loras=[(a, 1.0)])
+    assert pipe.runner.loras.touched == {"blocks.0.qkv", "blocks.0.out", "blocks.1.qkv", "blocks.1.out"}
+    after_switch = pipe.generate(PROMPT, **REQ, seed=5, loras=[(b, 1.0)])
+    assert pipe.runner.loras.touched == {"blocks.0.qkv", "blocks.0.out"}
+    assert np.array_equal(after_switch.frames, only_b)  # nothing of `a` is left behind
+    sd = pipe.transformer.state_dict()
+    assert torch.equal(sd["blocks.1.qkv.weight"], before["blocks.1.qkv.weight"])
+    assert not torch.equal(sd["blocks.0.qkv.weight"], before["blocks.0.qkv.weight"])
+
+
+def test_a_lora_file_rewritten_in_place_is_read_again(pipe, tmp_path):
+    path = make_lora(tmp_path / "l.safetensors", seed=1)
+    first = pipe.generate(PROMPT, **REQ, seed=6, loras=[(path, 1.0)]).frames
+    make_lora(path, seed=2)
+    second = pipe.generate(PROMPT, **REQ, seed=6, loras=[(path, 1.0)])
+    assert second.timings["lora"] > 0 and frames_diff(first, second.frames) > 0
 
 
 def test_lora_weights_scale_the_effect(pipe, tmp_path):

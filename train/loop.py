@@ -285,7 +285,7 @@ def validation_pipeline(model, root: Path, dev):
     from engine.pipeline import load_pipeline
     dtype = next(p for n, p in model.named_parameters() if ".lora_" not in n).dtype
     view = loader.build_transformer(model.cfg, base_state_dict(model), None)
-    return load_pipeline(root, device=dev, dtype=dtype, transformer=view)
+    return load_pipeline(root, device=dev, dtype=dtype, transformer=view, compile=False)  # a few calls: compiling costs more
 
 
 def validate(tc: TrainConfig, model, pipe, folder: Path) -> list[Path]:

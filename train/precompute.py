@@ -126,7 +126,7 @@ def precompute(manifest: str | os.PathLike | list[Record], model_dir: str | os.P
     out = Path(out_dir)
 
     # offload=True keeps the transformer (unused here) in host memory; only the VAE and T5 go to the device
-    pipe = load_pipeline(model_dir, device=device, dtype=dtype, offload=True)
+    pipe = load_pipeline(model_dir, device=device, dtype=dtype, offload=True, compile=False)
     pipe.vae.to(pipe.device)
     pipe.text_encoder.to(pipe.device)
     if vae_tiling:

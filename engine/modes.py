@@ -1,0 +1,114 @@
+"""Modes: named sets of transforms, each of which also has its own switch.
+
+The runner (engine/runner.py) applies the transforms in one order: LoRA fuse → quantize → attention backend
+(+ fused norm kernels) → compile. A mode only picks their settings:
+
+| mode               | linear layers          | attention                | TeaCache | T5          | VAE   |
+|--------------------|------------------------|--------------------------|----------|-------------|-------|
+| `exact`            | model dtype (bf16)     | fastest exact backend    | off      | model dtype | auto  |
+| `fp8`              | fp8 row-wise dynamic   | `triton-fp8`             | off      | int8 (w)    | tiled |
+| `fast`             | fp8 row-wise dynamic   | `triton-fp8`             | 0.2      | int8 (w)    | tiled |
+| `int8-dynamic`     | int8 dynamic           | fastest exact backend    | off      | int8 (w)    | tiled |
+| `int8-weight-only` | int8 weight-only       | fastest exact backend    | off      | int8 (w)    | tiled |
+
+On a CUDA GPU every mode also turns on the fused norm kernels and a regional torch.compile of the blocks
+(with a persistent cache). On the CPU the modes keep PyTorch's own attention, no Triton and no compile:
+the interpreter is for tests, and a compile costs more than it saves on a tiny model there. fp8 needs fp8
+tensor cores (compute capability 8.9 or newer); asking for it elsewhere is an error, not a silent fallback,
+so that nobody benchmarks a mode they are not running. The int8 modes are for GPUs without fp8 (A100, L40).
+
+The quantized modes tile the VAE decode and shrink T5 to int8 weights, so that 5B at 49 x 480 x 720 fits in
+16 GB end to end (the untiled decode alone peaks at 15.4 GB).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+QUANTS = ("fp8", "int8-dynamic", "int8-weight-only")
+TEXT_ENCODER = ("full", "int8", "offload")  # full: the model dtype, on the device
+
+
+@dataclass(frozen=True)
+class Transforms:
+    quant: str | None = None  # one of QUANTS, or None: linear layers stay in the model dtype
+    attention: str = "sdpa"  # an engine/attention.py backend
+    fused_norms: bool = False  # adaLN, QK norm + RoPE and gated residuals through kernels/
+    compile: bool = False  # regional torch.compile of the transformer blocks
+    cuda_graphs: bool = False  # compile with CUDA graphs ("reduce-overhead"); needs compile
+    text_encoder: str = "full"  # one of TEXT_ENCODER
+    vae_tiling: bool | None = None  # None: tile when the untiled decode would not fit
+    teacache: float | None = None  # the threshold a request gets when it names none
+
+    def __post_init__(self):
+        if self.quant is not None and self.quant not in QUANTS:
+            raise ValueError(f"unknown quantization {self.quant!r}; valid: {', '.join(QUANTS)} (or none)")
+        if self.text_encoder not in TEXT_ENCODER:
+            raise ValueError(f"unknown text encoder setting {self.text_encoder!r}; valid: {', '.join(TEXT_ENCODER)}")
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("cuda_graphs needs compile")
+
+    @property
+    def weights(self) -> tuple:
+        """What is baked into the loaded weights: requests may only ask for modes that share it."""
+        return self.quant, self.attention, self.fused_norms
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+MODES = ("exact", "fp8", "fast", "int8-dynamic", "int8-weight-only")
+FAST_TEACACHE = 0.2  # TeaCache's published "fast" setting for 5B (2.4x there); see bench/RESULTS.md for ours
+
+
+def has_fp8(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def has_tma(device: torch.device) -> bool:
+    """Our Triton attention kernels use Hopper's tensor memory accelerator."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    return mode
+
+
+def transforms_for(mode: str, device: torch.device, **overrides) -> Transforms:
+    """The transforms of `mode` on `device`; `overrides` (None values ignored) set single transforms."""
+    check_mode(mode)
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    quant = {"fp8": "fp8", "fast": "fp8"}.get(mode, mode if mode in QUANTS else None)
+    if quant == "fp8" and not has_fp8(device):
+        name = torch.cuda.get_device_name(device) if gpu else "the CPU"
+        raise ValueError(f"mode {mode!r} needs a GPU with fp8 tensor cores (compute capability 8.9+: Ada, Hopper, "
+                         f"Blackwell); this is {name}. Use mode 'int8-dynamic' or 'int8-weight-only' (or 'exact')")
+    exact_attention = "triton" if has_tma(device) else "sdpa"
+    t = Transforms(
+        quant=quant,
+        attention=("triton-fp8" if has_tma(device) else "sdpa") if quant == "fp8" else exact_attention,
+        fused_norms=gpu,
+        compile=gpu,
+        text_encoder="full" if quant is None else "int8",
+        vae_tiling=None if quant is None else True,
+        teacache=FAST_TEACACHE if mode == "fast" else None,
+    )
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("quant") == "none":
+        overrides["quant"] = None
+    if overrides.get("quant") == "fp8" and not has_fp8(device):
+        raise ValueError("fp8 quantization needs a GPU with fp8 tensor cores (compute capability 8.9+)")
+    return dataclasses.replace(t, **overrides)
+
+
+def request_modes(loaded: str, t: Transforms) -> tuple[str, ...]:
+    """The modes a request may name on a pipeline loaded in `loaded` with transforms `t`: those that differ
+    from it only in per-request settings (`fp8` and `fast` differ only in TeaCache)."""
+    if loaded in ("fp8", "fast"):
+        return ("fp8", "fast")
+    return (loaded,)

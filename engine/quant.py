@@ -1,0 +1,81 @@
+"""Weight quantization through torchao: which layers, which config, and rewriting one layer in place.
+
+Quantized: the four matmuls of every block (`qkv`, `out`, `ff1`, `ff2`). They do more than 99.9% of 5B's
+linear FLOPs (24·N·d² per block) and hold 86% of its weights (the adaLN projections hold most of the rest).
+
+Kept in the model dtype, and why:
+- the adaLN projections (`norm1`, `norm2`, `norm_out`) and the time / ofs MLPs: they see one row per
+  sample (M = 2 with CFG), so no GEMM gets faster, and their output scales and shifts every activation of
+  a block: an error there is multiplied into everything downstream;
+- `patch_proj` and `text_proj`: they run once per step (not per block) and read the raw latents and T5
+  features, whose channel ranges differ wildly; quantizing them saves almost nothing;
+- `proj_out`: the last layer writes the velocity the sampler integrates, 64 channels wide; its error goes
+  straight into every step's update;
+- the LayerNorms, positional tables and biases: not matmuls.
+
+torchao's quantized layers are slow without torch.compile (ANCHORS.md: fp8 eager 2.1 s against 1.2 s
+compiled for a 5B step), which is why the modes compile on GPUs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .modes import QUANTS
+
+QUANTIZED = ("qkv", "out", "ff1", "ff2")
+
+
+def config(kind: str):
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig,
+                                      Int8WeightOnlyConfig, PerRow)
+    if kind == "fp8":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if kind == "int8-dynamic":
+        return Int8DynamicActivationInt8WeightConfig()
+    if kind == "int8-weight-only":
+        return Int8WeightOnlyConfig()
+    raise ValueError(f"unknown quantization {kind!r}; valid: {', '.join(QUANTS)}")
+
+
+def targets(model: nn.Module) -> dict[str, nn.Linear]:
+    """The transformer's linear layers that quantization replaces, by name."""
+    return {f"blocks.{i}.{n}": getattr(b, n) for i, b in enumerate(model.blocks) for n in QUANTIZED}
+
+
+def quantize(model: nn.Module, kind: str) -> None:
+    from torchao.quantization import quantize_
+    names = set(targets(model))
+    quantize_(model, config(kind), filter_fn=lambda m, name: name in names)
+
+
+def quantize_text_encoder(encoder: nn.Module) -> None:
+    """T5 with int8 weights (activations stay in the model dtype): 4.7 GB instead of 9.5 GB for T5-XXL. It runs
+    once per request, so its speed hardly matters; its memory does."""
+    from torchao.quantization import quantize_
+    quantize_(encoder, config("int8-weight-only"))
+
+
+def is_quantized(linear: nn.Linear) -> bool:
+    return type(linear.weight) not in (torch.Tensor, nn.Parameter)
+
+
+def write_weight(linear: nn.Linear, weight: torch.Tensor, kind: str | None) -> None:
+    """Set `linear`'s weight to `weight` (high precision), quantized as `kind`, in place: the tensors keep
+    their storage, so a compiled block (or a captured CUDA graph) that holds them sees the new values."""
+    with torch.no_grad():
+        if kind is None:
+            linear.weight.copy_(weight)
+            return
+        from torchao.quantization import quantize_
+        fresh = nn.Linear(1, 1, bias=False, device="meta")
+        fresh.weight = nn.Parameter(weight, requires_grad=False)
+        quantize_(fresh, config(kind))
+        old, new = linear.weight, fresh.weight
+        names = old.__tensor_flatten__()[0]
+        layout = lambda w: (type(w), [(n, getattr(w, n).shape, getattr(w, n).dtype) for n in names])
+        if layout(new) != layout(old):
+            raise RuntimeError(f"re-quantized weight differs in layout from the loaded one: {layout(new)} vs "
+                               f"{layout(old)}")
+        for n in names:  # the quantized data and its scales
+            getattr(old, n).copy_(getattr(new, n))

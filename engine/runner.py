@@ -1,0 +1,157 @@
+"""The runner: owns the loaded transformer and applies its transforms in one ordered place:
+LoRA fuse → quantize → attention backend (+ fused norm kernels) → compile.
+
+- LoRAs are fused per request (`switch_loras`), after quantization in time but before it in effect: a
+  switched layer is rebuilt from its high-precision original and quantized again.
+- A quantization that fails half-way puts the originals back before the error leaves.
+- Compile is regional: each block is compiled (one graph serves all of them, since they share code and
+  shapes), not the whole model, which keeps the first compile short and leaves the TeaCache decision,
+  the embeddings and the head in eager PyTorch. Compiled code is cached on disk (`cache_dir`), so a
+  restarted replica skips Inductor's code generation and autotuning. A compile that fails, at warm-up or
+  later, turns compile off for every block with a warning: the pipeline never runs half-compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import quant
+from .lora import LoraState, host_copy
+from .modes import Transforms
+
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException,)
+
+
+def default_cache_dir() -> Path:
+    """$COGRT_CACHE/compile, else ~/.cache/cogrt/compile. Point COGRT_CACHE at a persistent volume on a cluster."""
+    return Path(os.environ.get("COGRT_CACHE", Path.home() / ".cache" / "cogrt")) / "compile"
+
+
+def use_compile_cache(path: str | Path) -> Path:
+    """Inductor's FX-graph and autotuning caches, and Triton's kernel cache, in `path` (read at compile time)."""
+    import torch._inductor.config as inductor
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
+    inductor.fx_graph_cache = True
+    inductor.autotune_local_cache = True
+    return path
+
+
+class Runner:
+    def __init__(self, model: torch.nn.Module, transforms: Transforms, cache_dir: str | Path | None = None,
+                 keep_originals: bool = True):
+        """`keep_originals`: with quantization, keep the high-precision weights of the quantized layers in host
+        memory (9.5 GB for 5B), which LoRA switching rebuilds from. Without them, LoRAs are refused."""
+        self.model, self.transforms = model, transforms
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.compiled = False
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        originals = None
+        if transforms.quant:
+            targets = quant.targets(model)
+            if any(quant.is_quantized(m) for m in targets.values()):
+                raise ValueError("this transformer is quantized already; load a fresh one")
+            originals = {name: host_copy(m.weight) for name, m in targets.items()} if keep_originals else None
+            try:
+                quant.quantize(model, transforms.quant)
+            except Exception:
+                self._restore(targets, originals)
+                raise
+        self.lora_ready = originals is not None or not transforms.quant
+        self.loras = LoraState(model, write=lambda linear, w: quant.write_weight(linear, w, transforms.quant
+                                                                                 if quant.is_quantized(linear) else None),
+                               originals=originals)
+        self.timings["quantize"] = time.perf_counter() - t0
+        if transforms.attention == "triton-fp8" and model.cfg.head_dim < 32:
+            # int8 tensor-core MMAs take 32 values along the head: tiny test models (d = 16) cannot use them
+            warnings.warn(f"head_dim {model.cfg.head_dim} is too small for the triton-fp8 attention kernel (needs 32+); "
+                          f"using the bf16 'triton' kernel", stacklevel=2)
+            self.transforms = transforms = dataclasses.replace(transforms, attention="triton")
+        model.set_attention_backend(transforms.attention)
+        model.set_fused_norms(transforms.fused_norms)
+        if transforms.compile:
+            self.compile()
+
+    @staticmethod
+    def _restore(targets, originals):
+        if originals is None:
+            return
+        with torch.no_grad():
+            for name, m in targets.items():
+                if quant.is_quantized(m):
+                    m.weight = torch.nn.Parameter(originals[name].to(m.weight.device), requires_grad=False)
+
+    # ------------------------------------------------------------------------------------------------
+    def switch_loras(self, loras, key: tuple) -> float:
+        """Make `loras` the fused set (see LoraState.switch); returns the seconds it took (0 when it was fused)."""
+        if key == self.loras.key:
+            return 0.0
+        if not self.lora_ready and loras:
+            raise ValueError("this pipeline was quantized without keeping its original weights "
+                             "(keep_originals=False), so it cannot fuse LoRAs; load it with keep_originals=True")
+        t0 = time.perf_counter()
+        self.loras.switch(loras, key)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------------------
+    def compile(self) -> None:
+        use_compile_cache(self.cache_dir)
+        mode = "reduce-overhead" if self.transforms.cuda_graphs else None
+        for block in self.model.blocks:
+            block.compile(fullgraph=True, dynamic=False, mode=mode)
+        self.compiled = True
+
+    def uncompile(self, error: BaseException | None = None) -> None:
+        """Back to eager for every block. `nn.Module.compile` keeps the compiled call in `_compiled_call_impl`;
+        without it the module calls its own forward."""
+        for block in self.model.blocks:
+            block._compiled_call_impl = None
+        self.compiled = False
+        if error is not None:
+            warnings.warn(f"torch.compile failed, so the transformer runs eagerly (slower, same results): "
+                          f"{type(error).__name__}: {str(error).splitlines()[0][:300]}", stacklevel=3)
+
+    def step_begin(self) -> None:
+        """With CUDA graphs, a new denoising step: the graphs may reuse the memory of the last step's outputs,
+        which the pipeline has consumed by now (inside a step, each block's output feeds the next)."""
+        if self.compiled and self.transforms.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def guarded(self, fn, *args, **kw):
+        """fn(*args, **kw), and once more eagerly if compiling fails inside it."""
+        try:
+            return fn(*args, **kw)
+        except COMPILE_ERRORS as e:
+            if not self.compiled:
+                raise
+            self.uncompile(e)
+            return fn(*args, **kw)
+
+    def warm_up(self, frames: int, height: int, width: int, batch: int, text_tokens: int,
+                device: torch.device, dtype: torch.dtype) -> float:
+        """One transformer call on random inputs of the serving shape (latent units), so that the first request
+        does not pay for compiling. Returns its seconds."""
+        cfg = self.model.cfg
+        g = torch.Generator(device).manual_seed(0)
+        x = torch.randn(batch, frames, cfg.in_channels, height, width, generator=g, device=device, dtype=dtype)
+        text = torch.randn(batch, text_tokens, cfg.text_embed_dim, generator=g, device=device, dtype=dtype)
+        t = torch.full((batch,), 500.0, device=device)
+        ofs = torch.full((batch,), 2.0, device=device, dtype=dtype) if cfg.ofs_embed_dim else None
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.step_begin()
+            self.guarded(self.model, x, text, t, ofs=ofs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.timings["warm_up"] = time.perf_counter() - t0
+        return self.timings["warm_up"]
