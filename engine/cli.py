@@ -1,5 +1,5 @@
-"""The `cogrt` command: generate, calibrate-cache, info, random-checkpoint, convert-lora, and (from train/)
-precompute and train."""
+"""The `cogrt` command: generate, calibrate-cache, info, random-checkpoint, convert-lora, bench (from bench/),
+and (from train/) precompute and train."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,8 @@ from pathlib import Path
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "cogrt-tiny"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+BENCHES = {"modes": "bench.modes", "coldstart": "bench.coldstart", "lora-switch": "bench.lora_switch",
+           "quality": "bench.quality", "kernels": "bench.kernels", "step": "bench.step"}
 
 
 def _lora_arg(s: str) -> tuple[str, float]:
@@ -86,7 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--from", dest="convention", choices=["auto", "sat"], default="auto",
                    help="sat: a SAT LoRA already renamed to diffusers keys (CogVideo's export script), scale 1/r")
 
-    # The command line is the one place that spans layers: training commands come from train/.
+    b = sub.add_parser("bench", help="measurements (bench/): modes against diffusers, cold start, LoRA switch, "
+                                     "quality, kernels, one step", add_help=False)
+    b.add_argument("what", choices=sorted(BENCHES), help="which measurement; its own --help lists its options")
+    b.add_argument("args", nargs=argparse.REMAINDER)
+
+    # The command line is the one place that spans layers: training and bench commands come from train/ and bench/.
     from train.cli import add_train_parser
     add_train_parser(sub)
     return ap
@@ -218,6 +225,12 @@ def cmd_convert_lora(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    import importlib
+    importlib.import_module(BENCHES[a.what]).main(a.args)
+    return 0
+
+
 def main(argv=None) -> int:
     from .loader import CheckpointError
     from .pipeline import OutOfMemory
@@ -228,7 +241,7 @@ def main(argv=None) -> int:
         from train.cli import cmd_precompute, cmd_train
         cmds = {"generate": cmd_generate, "info": cmd_info, "random-checkpoint": cmd_random, "train": cmd_train,
                 "precompute": cmd_precompute, "convert-lora": cmd_convert_lora,
-                "calibrate-cache": cmd_calibrate_cache}
+                "calibrate-cache": cmd_calibrate_cache, "bench": cmd_bench}
         return cmds[a.cmd](a)
     except (CheckpointError, OutOfMemory, FileNotFoundError, ValueError, TypeError) as e:
         print(f"cogrt: error: {e}", file=sys.stderr)
