@@ -10,7 +10,8 @@ from pathlib import Path
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "cogrt-tiny"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 BENCHES = {"modes": "bench.modes", "coldstart": "bench.coldstart", "lora-switch": "bench.lora_switch",
-           "quality": "bench.quality", "kernels": "bench.kernels", "step": "bench.step"}
+           "quality": "bench.quality", "fp8-ablation": "bench.fp8_ablation", "kernels": "bench.kernels",
+           "step": "bench.step"}
 
 
 def _lora_arg(s: str) -> tuple[str, float]:
