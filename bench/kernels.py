@@ -98,29 +98,43 @@ SWEEP = {  # around the best of a first, wider sweep (bench/RESULTS.md)
 }
 
 
-def sweep_rows():
-    """Each tile configuration, with the packed 16-bit exponential and without, at the 5B shape."""
+VARIANTS = {  # name -> the kernel module's switches (FAST_EXP, WARP_SPECIALIZE, POLY_EXP, MAGIC_I2F)
+    "default": (False, False, 0, True),
+    "I2F": (False, False, 0, False),  # the int8 scores converted by I2F (fp8 kernel only)
+    "packed exp": (True, False, 0, True),
+    "warp-specialized": (False, True, 0, True),
+    "poly exp 1/2": (False, False, 2, True),
+    "poly exp 1/3": (False, False, 3, True),
+    "poly exp 1/4": (False, False, 4, True),
+}
+
+
+def sweep_rows(variants=None):
+    """Each tile configuration with each variant of the kernel, at the 5B shape."""
     from kernels import attention as fa
     B, H, N, d = SHAPES["5B 49x480x720"]
     q, k, v = realistic_qkv(B, H, N, d, seed=1, device="cuda", dtype=torch.bfloat16)
     flops = 4 * B * H * N * N * d
     rows = []
-    variants = [("", False, False), (" (packed exp)", True, False), (" (warp-specialized)", False, True)]
+    defaults = fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.POLY_EXP, fa.MAGIC_I2F
     for kernel, configs in SWEEP.items():
-        for label, fast, ws in variants:
-            fa.FAST_EXP, fa.WARP_SPECIALIZE = fast, ws
+        for label in variants or VARIANTS:
+            if label == "I2F" and kernel != "triton-fp8":
+                continue
+            fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.POLY_EXP, fa.MAGIC_I2F = VARIANTS[label]
             for cfg in configs:
                 fn = (lambda c=cfg: fa._sage(q, k, v, "int8", c)) if kernel == "triton-fp8" else \
                     (lambda c=cfg: fa._flash(q, k, v, c))
                 try:
+                    err = sampled_error(fn(), q, k, v)
                     ms = bench_ms(fn, rep=100)
                 except Exception as e:  # e.g. out of shared memory for this tile size
                     print(f"sweep {kernel}{label} {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
-                name = kernel + label
-                rows.append(dict(kernel=name, config=cfg, ms=ms, tflops=flops / ms / 1e9))
-                print(f"sweep {name:32s} {cfg} {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s", flush=True)
-    fa.FAST_EXP, fa.WARP_SPECIALIZE = False, False
+                name = kernel + ("" if label == "default" else f" ({label})")
+                rows.append(dict(kernel=name, config=cfg, ms=ms, tflops=flops / ms / 1e9, rel_err=err))
+                print(f"sweep {name:32s} {cfg} {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s err {err:.2e}", flush=True)
+    fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.POLY_EXP, fa.MAGIC_I2F = defaults
     return rows
 
 
@@ -197,9 +211,10 @@ def markdown(meta, attn, sweep, fused) -> str:
             out.append(f"| {r['kernel']} | {r['ms']:.3f} | {r['gb_s']:.0f} | {r['frac_of_copy']:.0%} | "
                        f"{r['native_ms']:.3f} | {r['speedup_vs_native']:.1f}× |")
     if sweep:
-        out += ["", "| sweep at the 5B shape | (BLOCK_M, BLOCK_N, warps, stages) | ms | TFLOP/s |", "|---|---|---|---|"]
+        out += ["", "| sweep at the 5B shape | (BLOCK_M, BLOCK_N, warps, stages) | ms | TFLOP/s | rel err vs fp32 |",
+                "|---|---|---|---|---|"]
         for r in sorted(sweep, key=lambda r: (r["kernel"], r["ms"])):
-            out.append(f"| {r['kernel']} | {r['config']} | {r['ms']:.2f} | {r['tflops']:.0f} |")
+            out.append(f"| {r['kernel']} | {r['config']} | {r['ms']:.2f} | {r['tflops']:.0f} | {r['rel_err']:.1e} |")
     return "\n".join(out) + "\n"
 
 
@@ -207,6 +222,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names from SHAPES")
     ap.add_argument("--sweep", action="store_true", help="sweep the attention kernel's tile configurations")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="kernel variants to sweep, from VARIANTS")
     ap.add_argument("--no-fused", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None, help="write the tables there (to paste into bench/RESULTS.md)")
@@ -222,7 +238,7 @@ def main(argv=None):
     print(json.dumps(meta), flush=True)
     backends = ["sdpa", "sdpa-flash", "triton", "triton-fp8"] + [
         b for b in ("sage", "flash-attn") if b in attention.available()]
-    sweep = sweep_rows() if args.sweep else []
+    sweep = sweep_rows(args.variants.split(",")) if args.sweep else []
     if args.sweep and not args.no_fused:
         prologue_sweep()
     attn = []

@@ -48,6 +48,13 @@ _INTERPRET_CONFIG = (32, 32, 4, 1)
 # saves. Off by default; bench/kernels.py --sweep measures both.
 FAST_EXP = False
 WARP_SPECIALIZE = False  # Triton's warp-specialized loop; bench/kernels.py --sweep measures both
+# Every POLY_EXP-th key tile takes its exponentials from a polynomial on the FMA pipe instead of the MUFU unit
+# (0: never), as FlashAttention-4 does: at d = 64 the MUFU's 16 a clock per SM, not the tensor cores, bound
+# the kernel, so sharing the work out lets the two pipes run side by side. bench/kernels.py --sweep measures it.
+POLY_EXP = 0
+# int8 Q·Kᵀ gives int32 scores; converting them with I2F costs as much as an exponential (16 a clock per SM).
+# MAGIC_I2F converts on the FMA pipe instead: an integer add into a float's mantissa and a float subtract.
+MAGIC_I2F = True
 
 
 @triton.jit
@@ -78,13 +85,32 @@ def _exp2(x, P_DTYPE: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _exp2_poly(x):
+    """2^x in fp32 from FMA-pipe instructions: 2^round(x) goes straight into the exponent bits, and 2^f for the
+    rest f in [-0.5, 0.5] is a cubic (relative error 8e-5, under bf16's 2e-3 rounding). round(x) comes from
+    adding 1.5·2^23, which leaves it in the low mantissa bits. Below 2^-126 the result stays at 2^-126, which
+    is nothing beside a row's largest term (1)."""
+    x = tl.maximum(x, -126.0)
+    t = x + 12582912.0
+    f = x - (t - 12582912.0)
+    p = 0.99992895 + f * (0.69327623 + f * (0.24260405 + f * 0.05508868))
+    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, start, qk_scale, ks_ptr,
           N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
           MASKED: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr, EXACT: tl.constexpr,
-          PREC: tl.constexpr):
+          PREC: tl.constexpr, POLY: tl.constexpr, MAGIC: tl.constexpr):
     """One BLOCK_N-wide tile of keys and values folded into the running softmax (log2 domain)."""
     k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-    s = tl.dot(q, k.T, input_precision=PREC).to(tl.float32)  # int8 scores come out as int32
+    s = tl.dot(q, k.T, input_precision=PREC)  # int8 scores come out as int32
+    if MAGIC and q.dtype == tl.int8:
+        # |s| <= 128·127² < 2^22: added to the bits of 1.5·2^23, s lands in the mantissa exactly
+        s = (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        s = s.to(tl.float32)
     if LOWP:
         scale = qk_scale * tl.load(ks_ptr + start // BLOCK_N)  # this key tile's dequantization scale
     else:
@@ -98,7 +124,10 @@ def _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, start, qk_scale, ks_ptr,
         x = s * scale - m_new[:, None]  # one FMA per score
     if LOWP:  # P·448 straight out of the exponential: e4m3's whole range, and 448 cancels in acc / l
         x = x + 8.807354922057604  # log2(448)
-    p = _exp2(x, P_DTYPE, FAST)
+    if POLY:
+        p = _exp2_poly(x).to(P_DTYPE)
+    else:
+        p = _exp2(x, P_DTYPE, FAST)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
     acc = acc * alpha[:, None]
@@ -116,7 +145,7 @@ def _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, start, qk_scale, ks_ptr,
 def _attn_fwd_kernel(desc_q, desc_k, desc_v, desc_o, qs_ptr, ks_ptr, vs_ptr, vm_ptr, H, qk_scale,
                      N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      LOWP: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr, EXACT: tl.constexpr,
-                     PREC: tl.constexpr, WS: tl.constexpr):
+                     PREC: tl.constexpr, WS: tl.constexpr, POLY: tl.constexpr, MAGIC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -131,12 +160,18 @@ def _attn_fwd_kernel(desc_q, desc_k, desc_v, desc_o, qs_ptr, ks_ptr, vs_ptr, vm_
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     FULL: tl.constexpr = N // BLOCK_N * BLOCK_N
-    for start in tl.range(0, FULL, BLOCK_N, warp_specialize=WS):
+    GROUPS: tl.constexpr = FULL // (POLY * BLOCK_N) * (POLY * BLOCK_N) if POLY else 0
+    # groups of POLY tiles, the last of each with the polynomial exponential; then the rest one by one
+    for start in tl.range(0, GROUPS, POLY * BLOCK_N if POLY else BLOCK_N, warp_specialize=WS):
+        for j in tl.static_range(POLY):
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, start + j * BLOCK_N, qk_scale, ks_ptr,
+                                  N, HEAD_DIM, BLOCK_N, LOWP, False, P_DTYPE, FAST, EXACT, PREC, j == POLY - 1, MAGIC)
+    for start in tl.range(GROUPS, FULL, BLOCK_N, warp_specialize=WS):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, start, qk_scale, ks_ptr,
-                              N, HEAD_DIM, BLOCK_N, LOWP, False, P_DTYPE, FAST, EXACT, PREC)
+                              N, HEAD_DIM, BLOCK_N, LOWP, False, P_DTYPE, FAST, EXACT, PREC, False, MAGIC)
     if FULL < N:
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, FULL, qk_scale, ks_ptr,
-                              N, HEAD_DIM, BLOCK_N, LOWP, True, P_DTYPE, FAST, EXACT, PREC)
+                              N, HEAD_DIM, BLOCK_N, LOWP, True, P_DTYPE, FAST, EXACT, PREC, False, MAGIC)
     acc = acc / l_i[:, None]
     if LOWP:  # undo V's per-channel scales, then add back V's mean
         cols = bh * HEAD_DIM + tl.arange(0, HEAD_DIM)
@@ -156,7 +191,8 @@ def _exp_args(dtype: torch.dtype, lowp: bool) -> dict:
     fast = FAST_EXP and not _INTERPRET and p_dtype != tl.float32
     # fp32 inputs (the tests) get true fp32 matmuls, not TF32
     return dict(P_DTYPE=p_dtype if fast else tl.float32, FAST=fast, EXACT=_INTERPRET,
-                PREC="ieee" if dtype == torch.float32 else "tf32", WS=WARP_SPECIALIZE and not _INTERPRET)
+                PREC="ieee" if dtype == torch.float32 else "tf32", WS=WARP_SPECIALIZE and not _INTERPRET,
+                POLY=POLY_EXP if dtype != torch.float32 else 0, MAGIC=MAGIC_I2F)
 
 
 def _desc(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:

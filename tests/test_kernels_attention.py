@@ -65,6 +65,22 @@ def test_sage_attention_matches_its_reference(qk, B, H, N, d):
     assert rel(out.cpu(), ref) < (2e-3 if qk == "int8" else 6e-3)
 
 
+@pytest.mark.parametrize("poly,magic", [(2, True), (3, False), (1, True)])
+def test_polynomial_exponential_and_integer_conversion(monkeypatch, poly, magic):
+    """Every `poly`-th key tile with the FMA-pipe exponential (1: all of them; 3 leaves tiles outside the groups),
+    and the int8 scores converted by the mantissa trick or by I2F: both kernels stay within their tolerances."""
+    monkeypatch.setattr(fa, "POLY_EXP", poly)
+    monkeypatch.setattr(fa, "MAGIC_I2F", magic)
+    B, H, N, d = 1, 2, 226 + 70, 64  # 9 full interpreter tiles and a partial one
+    q, k, v = qkv(B, H, N, d, torch.float16, seed=5)
+    ref = attention.attend(q.float(), k.float(), v.float(), "sdpa-math")
+    torch.testing.assert_close(fa.flash_attention(q, k, v).float(), ref, rtol=2e-3, atol=2e-3)
+    q, k, v = (t.half().to(DEV) for t in realistic_qkv(B, H, N, d))
+    bm, bn, _, _ = fa._config(d, True)
+    ref = fa.sage_attention_reference(q.cpu(), k.cpu(), v.cpu(), bm, bn, "int8")
+    assert rel(fa.sage_attention(q, k, v, "int8").cpu(), ref) < 2e-3
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
