@@ -39,18 +39,29 @@ PROMPT = "a panda playing guitar in a bamboo forest"
 def child(a) -> dict:
     """One start, measured: runs in the child process and returns its stage times."""
     start = a.spawn_time or T0
-    marks = {}
+    marks, imports = {}, {}
+    t = time.time()
+    imports["interpreter"] = t - start
+
+    def lap(name):
+        nonlocal t
+        imports[name], t = time.time() - t, time.time()
     import torch
+    lap("torch")
     # diffusers, transformers and our quantization load these lazily: load them here, so that "build" is building
     import torchao.quantization  # noqa: F401
+    lap("torchao")
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel  # noqa: F401
+    lap("diffusers")
     from transformers import T5EncoderModel  # noqa: F401
+    lap("transformers")
 
     import engine.pipeline
     from bench.components import engine_transformer, environment, random_components, weights_note
     from bench.modes import SIZES
     from engine import modes
     from engine.model import PRESETS
+    lap("engine")
     marks["imports"] = time.time() - start
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -75,12 +86,15 @@ def child(a) -> dict:
     f, h, w = SIZES.get(None if a.model else a.preset, (cfg.sample_frames, cfg.sample_height * 8, cfg.sample_width * 8))
     f, h, w = a.frames or f, a.height or h, a.width or w
     marks["warm_up"] = pipe.warm_up(f, h, w)
+    from torch._dynamo.utils import counters  # what the compile cache gave: hits, misses, bypasses
+    caches = {k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd") and v}
     res = pipe.generate(PROMPT, num_frames=f, height=h, width=w, num_inference_steps=1, seed=a.seed)
     marks["first_step"] = res.timings["text"] + res.timings["denoise"]  # text encoding + the step itself
     marks["decode"] = res.timings["decode"]
     end = time.time()
     return dict(environment(dev), preset=a.model or a.preset, mode=a.mode, transforms=pipe.transforms.describe(),
-                frames=f, height=h, width=w, weights=weights, stages=marks, compiled=pipe.runner.compiled,
+                frames=f, height=h, width=w, weights=weights, stages=marks, imports=imports, compile_counters=caches,
+                compiled=pipe.runner.compiled,
                 total_to_first_step=end - marks["decode"] - start, total_to_first_video=end - start)
 
 
@@ -142,7 +156,8 @@ def main(argv=None) -> dict:
         for label in ("cold", "warm"):
             r = runs[label] = spawn(a, label)
             print(f"{label}: {r['total_to_first_step']:.1f} s to the first step (target {TARGETS[label]:.0f} s for 5B "
-                  f"in fp8); stages {json.dumps(r['stages'])}", flush=True)
+                  f"in fp8); stages {json.dumps(r['stages'])}; imports {json.dumps(r['imports'])}; "
+                  f"compile caches {json.dumps(r['compile_counters'])}", flush=True)
     meta = {k: v for k, v in runs["cold"].items() if k not in ("stages", "total_to_first_step", "total_to_first_video")}
     meta.update(command="python -m bench.coldstart " + shlex.join(argv), targets=TARGETS, runs=runs)
     if a.json:

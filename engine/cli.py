@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("out")
     r.add_argument("--preset", default="tiny-5b")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", choices=list(DTYPES), help="the transformer's stored dtype (default fp32)")
+    r.add_argument("--device", default="cpu", help="where to build the random transformer (cuda is faster at 5B)")
 
     c = sub.add_parser("convert-lora", help="rewrite a LoRA with its scale in the standard header")
     c.add_argument("src", help="a LoRA .safetensors: diffusers, finetrainers or SAT key names")
@@ -211,7 +213,9 @@ def cmd_info(a) -> int:
 
 def cmd_random(a) -> int:
     from .random_model import write_random_checkpoint
-    out = write_random_checkpoint(a.out, a.preset, a.seed)
+    import torch
+    dtype = getattr(torch, DTYPES[a.dtype]) if a.dtype else None
+    out = write_random_checkpoint(a.out, a.preset, a.seed, dtype=dtype, device=a.device)
     print(f"wrote a random-weight {a.preset} checkpoint to {out}")
     return 0
 

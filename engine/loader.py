@@ -231,6 +231,50 @@ def load_transformer(folder: str | os.PathLike, device=None, dtype: torch.dtype 
     return build_transformer(cfg, sd, dtype, source=folder)
 
 
+class CheckpointWeights:
+    """Read-only, lazy access to a transformer checkpoint's weights under our names (`blocks.3.qkv.weight`), in
+    `dtype`, on the CPU: what load_transformer assigned, read again from the file when asked.
+
+    A quantized pipeline rebuilds LoRA-switched layers from their high-precision weights. Copying all of them to
+    host memory at load (9.5 GB for 5B) costs seconds at every start; reading the few a LoRA touches from the
+    file (in the page cache, after the load) costs that only at the first switch. A file that changed since the
+    load is refused: its weights are no longer the ones in the model."""
+
+    def __init__(self, folder: str | os.PathLike, cfg: ModelConfig, dtype: torch.dtype | None):
+        from safetensors import safe_open
+        self.cfg, self.dtype = cfg, dtype
+        self.files = weight_files(Path(folder))
+        self.stamps = {f: self._stamp(f) for f in self.files}
+        self.where: dict[str, list[tuple[Path, str]]] = {}  # our name -> [(file, diffusers name)], q, k, v in order
+        for f in self.files:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    self.where.setdefault(engine_name(k), []).append((f, k))
+        for parts in self.where.values():
+            parts.sort(key=lambda fk: qkv_rows(fk[1], cfg.dim).start if qkv_rows(fk[1], cfg.dim) else 0)
+
+    @staticmethod
+    def _stamp(f: Path) -> tuple[int, int]:
+        st = f.stat()
+        return st.st_mtime_ns, st.st_size
+
+    def __contains__(self, name: str) -> bool:
+        return name + ".weight" in self.where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The weight of the linear layer `name` (e.g. `blocks.3.qkv`)."""
+        from safetensors import safe_open
+        parts = []
+        for f, k in self.where[name + ".weight"]:
+            if self._stamp(f) != self.stamps[f]:
+                raise CheckpointError(f"{f} changed since the pipeline loaded it, so it no longer holds the model's "
+                                      f"original weights; load the pipeline again")
+            with safe_open(str(f), framework="pt") as fh:
+                parts.append(fh.get_tensor(k))
+        w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # q, k, v rows -> the fused qkv
+        return w.to(self.dtype) if self.dtype is not None else w
+
+
 def build_transformer(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype=None, source="state dict"):
     with torch.device("meta"):
         model = CogVideoXTransformer(cfg)

@@ -159,14 +159,18 @@ class LoraState:
     that is fused already costs nothing.
 
     The originals stay in host memory, pinned where there is CUDA so that a restore copies at full speed.
-    A layer's original is copied when a LoRA first touches it; a quantized model has lost its originals, so
-    the runner hands them over (`originals=`) before it quantizes.
+    A layer's original is copied when a LoRA first touches it: from `source` (a mapping, layer name -> weight,
+    such as loader.CheckpointWeights) where it has the layer, else from the layer itself. A quantized model has
+    lost its originals, so the runner hands them over before it quantizes: as copies (`originals=`) or as a
+    source to read them from.
     """
 
-    def __init__(self, model: torch.nn.Module, write=None, originals: dict[str, torch.Tensor] | None = None):
+    def __init__(self, model: torch.nn.Module, write=None, originals: dict[str, torch.Tensor] | None = None,
+                 source=None):
         self.model = model
         self.write = write or (lambda linear, w: linear.weight.copy_(w))
         self.originals = {} if originals is None else originals  # layer name -> host copy of its base weight
+        self.source = source
         self.key: tuple = ()  # what is fused now: ((path, mtime, size, weight), ...)
         self.touched: set[str] = set()  # layers that hold a delta now
 
@@ -198,7 +202,8 @@ class LoraState:
             for name in sorted(self.touched | set(plan)):
                 linear = modules[name]
                 if name not in self.originals:  # untouched until now, so its weight is the original
-                    self.originals[name] = host_copy(linear.weight)
+                    from_source = self.source is not None and name in self.source
+                    self.originals[name] = host_copy(self.source[name] if from_source else linear.weight)
                 orig = self.originals[name]
                 dev = linear.weight.device
                 if name not in plan:

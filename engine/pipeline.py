@@ -305,6 +305,8 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     vae_tiling, teacache. `transformer` replaces the checkpoint's own (the trainer validates its model this
     way). `warm_up` runs the transformer once at the model's default size, so that the first request does
     not pay for compiling; compiled code is cached in `cache_dir` (default: engine.runner.default_cache_dir()).
+    `keep_originals` (quantized modes): LoRAs can be switched, rebuilding layers from their weights in the
+    checkpoint file, read when a LoRA first touches them; False refuses LoRAs.
     """
     from diffusers import AutoencoderKLCogVideoX
     from transformers import AutoTokenizer, T5EncoderModel
@@ -329,8 +331,11 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
         raise loader.CheckpointError(f"missing folder: {root / 'tokenizer'}")
 
     home = torch.device("cpu") if offload else device
+    source = None
     if transformer is None:
         transformer = loader.load_transformer(root / "transformer", home, dtype)
+        if chosen.quant and keep_originals:  # LoRA switches read the originals from the file, not a copy
+            source = loader.CheckpointWeights(root / "transformer", transformer.cfg, dtype)
     try:
         vae = AutoencoderKLCogVideoX.from_pretrained(root / "vae", torch_dtype=dtype).to(home).eval()
         text_encoder = T5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).eval()
@@ -339,7 +344,7 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
         raise loader.CheckpointError(f"could not load a component of {root}: {e}") from e
     coefficients = root / "teacache_coefficients.json"
     pipe = assemble(transformer, vae, text_encoder.to(home), tokenizer, sched_cfg, device, dtype, mode, chosen,
-                    offload=offload, cache_dir=cache_dir, keep_originals=keep_originals,
+                    offload=offload, cache_dir=cache_dir, keep_originals=keep_originals, originals_source=source,
                     coefficients=coefficients if coefficients.is_file() else None)
     if warm_up:
         pipe.warm_up()
@@ -348,7 +353,7 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
 
 def assemble(transformer, vae, text_encoder, tokenizer, scheduler_config: dict, device, dtype, mode: str = "exact",
              transforms: modes.Transforms | None = None, offload: bool = False, cache_dir=None,
-             keep_originals: bool = True, coefficients: Path | None = None) -> Pipeline:
+             keep_originals: bool = True, coefficients: Path | None = None, originals_source=None) -> Pipeline:
     """A pipeline from components already in memory (benchmarks build random ones this way): the transforms
     of `mode` (or `transforms`) are applied here, in the runner's order."""
     device = torch.device(device)
@@ -358,5 +363,6 @@ def assemble(transformer, vae, text_encoder, tokenizer, scheduler_config: dict, 
         quantize_text_encoder(text_encoder)
     elif transforms.text_encoder == "offload":
         text_encoder.to("cpu")
-    runner = Runner(transformer, transforms, cache_dir=cache_dir, keep_originals=keep_originals)
+    runner = Runner(transformer, transforms, cache_dir=cache_dir, keep_originals=keep_originals,
+                    originals_source=originals_source)
     return Pipeline(runner, vae, text_encoder, tokenizer, scheduler_config, device, dtype, offload, mode, coefficients)

@@ -19,10 +19,11 @@ from .model import PRESETS, CogVideoXTransformer, ModelConfig
 PIPELINE_CLASS = {False: "CogVideoXPipeline", True: "CogVideoXImageToVideoPipeline"}
 
 
-def random_transformer(cfg: ModelConfig, seed: int = 0) -> CogVideoXTransformer:
+def random_transformer(cfg: ModelConfig, seed: int = 0, device="cpu") -> CogVideoXTransformer:
     """Default init, plus random norm affines and positions so that every tensor's mapping is exercised."""
     torch.manual_seed(seed)
-    model = CogVideoXTransformer(cfg)
+    with torch.device(device):
+        model = CogVideoXTransformer(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name == "pos_embedding":
@@ -47,14 +48,18 @@ def write_scheduler(folder: str | os.PathLike, cfg: ModelConfig, kind: str | Non
 
 def write_random_checkpoint(out: str | os.PathLike, preset: str | ModelConfig = "tiny-5b", seed: int = 0,
                             vae_channels: int | tuple[int, ...] = 16, t5_layers: int = 1,
-                            scheduler: str | None = None) -> Path:
+                            scheduler: str | None = None, dtype: torch.dtype | None = None, device="cpu") -> Path:
+    """`dtype`: the transformer's stored dtype (default fp32; the released checkpoints are bf16). `device`: where
+    the random transformer is built (a GPU builds 5B in seconds)."""
     from diffusers import AutoencoderKLCogVideoX
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     out = Path(out)
 
-    save_transformer(out / "transformer", random_transformer(cfg, seed))
+    model = random_transformer(cfg, seed, device)
+    save_transformer(out / "transformer", model.to(dtype) if dtype is not None else model)
+    del model
 
     torch.manual_seed(seed + 1)
     small = cfg.dim < 1024

@@ -46,9 +46,11 @@ def use_compile_cache(path: str | Path) -> Path:
 
 class Runner:
     def __init__(self, model: torch.nn.Module, transforms: Transforms, cache_dir: str | Path | None = None,
-                 keep_originals: bool = True):
-        """`keep_originals`: with quantization, keep the high-precision weights of the quantized layers in host
-        memory (9.5 GB for 5B), which LoRA switching rebuilds from. Without them, LoRAs are refused."""
+                 keep_originals: bool = True, originals_source=None):
+        """`keep_originals`: with quantization, keep access to the high-precision weights of the quantized layers,
+        which LoRA switching rebuilds from; without them, LoRAs are refused. They are read from
+        `originals_source` (loader.CheckpointWeights: the checkpoint file, when a LoRA first touches a layer),
+        or, without one, copied to host memory before quantizing (9.5 GB for 5B, seconds at every start)."""
         self.model, self.transforms = model, transforms
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.compiled = False
@@ -59,16 +61,22 @@ class Runner:
             targets = quant.targets(model)
             if any(quant.is_quantized(m) for m in targets.values()):
                 raise ValueError("this transformer is quantized already; load a fresh one")
-            originals = {name: host_copy(m.weight) for name, m in targets.items()} if keep_originals else None
+            if keep_originals and originals_source is not None:
+                missing = [n for n in targets if n not in originals_source]
+                if missing:
+                    raise ValueError(f"the originals' source lacks {missing[:3]}")
+                originals = {}  # filled from the source as LoRAs touch layers
+            else:
+                originals = {name: host_copy(m.weight) for name, m in targets.items()} if keep_originals else None
             try:
                 quant.quantize(model, transforms.quant)
             except Exception:
-                self._restore(targets, originals)
+                self._restore(targets, originals, originals_source)
                 raise
         self.lora_ready = originals is not None or not transforms.quant
         self.loras = LoraState(model, write=lambda linear, w: quant.write_weight(linear, w, transforms.quant
                                                                                  if quant.is_quantized(linear) else None),
-                               originals=originals)
+                               originals=originals, source=originals_source if keep_originals else None)
         self.timings["quantize"] = time.perf_counter() - t0
         if transforms.attention == "triton-fp8" and model.cfg.head_dim < 32:
             # int8 tensor-core MMAs take 32 values along the head: tiny test models (d = 16) cannot use them
@@ -81,13 +89,17 @@ class Runner:
             self.compile()
 
     @staticmethod
-    def _restore(targets, originals):
-        if originals is None:
+    def _restore(targets, originals, source=None):
+        if originals is None and source is None:
             return
         with torch.no_grad():
             for name, m in targets.items():
                 if quant.is_quantized(m):
-                    m.weight = torch.nn.Parameter(originals[name].to(m.weight.device), requires_grad=False)
+                    w = originals.get(name) if originals else None
+                    w = w if w is not None else source[name] if source is not None and name in source else None
+                    if w is None:
+                        raise RuntimeError(f"quantization failed half-way and {name}'s original is gone")
+                    m.weight = torch.nn.Parameter(w.to(m.weight.device), requires_grad=False)
 
     # ------------------------------------------------------------------------------------------------
     def switch_loras(self, loras, key: tuple) -> float:

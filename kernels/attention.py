@@ -50,11 +50,14 @@ FAST_EXP = False
 WARP_SPECIALIZE = False  # Triton's warp-specialized loop; bench/kernels.py --sweep measures both
 # Every POLY_EXP-th key tile takes its exponentials from a polynomial on the FMA pipe instead of the MUFU unit
 # (0: never), as FlashAttention-4 does: at d = 64 the MUFU's 16 a clock per SM, not the tensor cores, bound
-# the kernel, so sharing the work out lets the two pipes run side by side. bench/kernels.py --sweep measures it.
+# the kernel, so sharing the work out should let the two pipes run side by side. Measured on the H200 (triton
+# 3.6), it is slower at every tile configuration and ratio (bf16 17.3 -> 20.2 ms at best, fp8 15.8 -> 21.9 ms):
+# the unrolled pair of tiles breaks Triton's software pipelining. Off; bench/kernels.py --sweep measures it.
 POLY_EXP = 0
-# int8 Q·Kᵀ gives int32 scores; converting them with I2F costs as much as an exponential (16 a clock per SM).
-# MAGIC_I2F converts on the FMA pipe instead: an integer add into a float's mantissa and a float subtract.
-MAGIC_I2F = True
+# int8 Q·Kᵀ gives int32 scores, converted by I2F at the same 16 a clock per SM as the exponential. MAGIC_I2F
+# converts on the FMA pipe instead (an integer add into a float's mantissa, then a float subtract). Also
+# measured slower on the H200 (15.8 -> 20.2 ms at the default tiles), so off.
+MAGIC_I2F = False
 
 
 @triton.jit

@@ -10,7 +10,7 @@ import torch
 
 import engine
 from engine import modes, quant
-from engine.loader import load_transformer
+from engine.loader import CheckpointWeights, load_transformer
 from engine.lora import read_lora
 from engine.runner import Runner
 from test_lora import PROMPT, REQ, make_lora
@@ -36,12 +36,15 @@ def inputs(cfg, device, dtype, seed=0):
     return x, text, torch.tensor([500.0, 500.0], device=device)
 
 
-def runner(checkpoint, kind, **over):
+def runner(checkpoint, kind, from_file=False, **over):
+    """A quantized runner; `from_file`: its originals are read from the checkpoint, not copied at load."""
     dev = device_for(kind)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = load_transformer(checkpoint("5b") / "transformer", dev, dtype)
+    folder = checkpoint("5b") / "transformer"
+    model = load_transformer(folder, dev, dtype)
     t = modes.transforms_for("exact", dev, quant=kind, compile=False, **over)
-    return Runner(model, t), dev, dtype
+    source = CheckpointWeights(folder, model.cfg, dtype) if from_file else None
+    return Runner(model, t, originals_source=source), dev, dtype
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,11 +105,13 @@ def test_fused_lora_under_quantization_matches_the_unfused_path(checkpoint, kind
     assert effect > 5 * disagreement and disagreement < FP8_TOL, (effect, disagreement)  # it matters; both agree
 
 
+@pytest.mark.parametrize("from_file", [False, True])
 @pytest.mark.parametrize("kind", QUANTS)
-def test_switching_loras_requantizes_in_place_and_restores_exactly(checkpoint, kind, tmp_path):
+def test_switching_loras_requantizes_in_place_and_restores_exactly(checkpoint, kind, from_file, tmp_path):
     a = read_lora(make_lora(tmp_path / "a.safetensors", seed=1))
     b = read_lora(make_lora(tmp_path / "b.safetensors", seed=2, num_layers=1))
-    r, dev, dtype = runner(checkpoint, kind)
+    r, dev, dtype = runner(checkpoint, kind, from_file)
+    assert (r.loras.originals == {}) == from_file  # read from the file on demand, or copied at load
     layer = r.model.blocks[1].qkv
     names = layer.weight.__tensor_flatten__()[0]
     storage = {n: getattr(layer.weight, n).data_ptr() for n in names}
@@ -152,6 +157,37 @@ def test_a_failed_quantization_puts_the_originals_back(checkpoint, monkeypatch):
         assert torch.equal(v, before[k]), k
 
 
+def test_checkpoint_weights_are_what_was_loaded_and_a_changed_file_is_refused(checkpoint, tmp_path):
+    import shutil
+    folder = tmp_path / "transformer"
+    shutil.copytree(checkpoint("5b") / "transformer", folder)
+    model = load_transformer(folder)
+    src = CheckpointWeights(folder, model.cfg, torch.float32)
+    for name, linear in quant.targets(model).items():
+        assert name in src and torch.equal(src[name], linear.weight), name
+    assert "blocks.0.norm1" in src and "blocks.0.nothing" not in src
+    f = next(folder.glob("*.safetensors"))
+    f.write_bytes(f.read_bytes())  # the same bytes, written again: a new modification time
+    with pytest.raises(engine.CheckpointError, match="changed since"):
+        src["blocks.0.qkv"]
+
+
+def test_a_failed_quantization_restores_from_the_checkpoint(checkpoint, monkeypatch):
+    folder = checkpoint("5b") / "transformer"
+    model = load_transformer(folder)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def half_way(m, kind):
+        from torchao.quantization import quantize_
+        quantize_(m.blocks[1].ff2, quant.config(kind))
+        raise RuntimeError("out of memory half-way")
+    monkeypatch.setattr(quant, "quantize", half_way)
+    with pytest.raises(RuntimeError, match="half-way"):
+        Runner(model, modes.Transforms(quant="int8-dynamic"), originals_source=CheckpointWeights(folder, model.cfg, None))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_quantized_without_originals_refuses_loras(checkpoint, tmp_path):
     model = load_transformer(checkpoint("5b") / "transformer")
     r = Runner(model, modes.Transforms(quant="int8-weight-only"), keep_originals=False)
@@ -168,6 +204,13 @@ def test_int8_mode_pipeline_end_to_end(checkpoint, pipeline, tmp_path):
     ref = pipeline("5b").generate(PROMPT, **REQ, seed=2)
     assert res.mode == "int8-dynamic" and res.frames.shape == ref.frames.shape
     assert rel_err(res.latents, ref.latents) < 0.1
+    # a LoRA rebuilds its layers from the checkpoint file: nothing was copied at load
+    assert isinstance(pipe.runner.loras.source, CheckpointWeights) and pipe.runner.loras.originals == {}
+    lora = make_lora(tmp_path / "l.safetensors")
+    with_lora = pipe.generate(PROMPT, **REQ, seed=2, loras=[(lora, 1.0)])
+    ref_lora = pipeline("5b").generate(PROMPT, **REQ, seed=2, loras=[(lora, 1.0)])
+    assert rel_err(with_lora.latents, ref_lora.latents) < 0.1 < rel_err(with_lora.latents, res.latents)
+    assert rel_err(pipe.generate(PROMPT, **REQ, seed=2).latents, res.latents) < 1e-6  # switched back exactly
     with pytest.raises(ValueError, match="loaded in mode 'int8-dynamic'"):
         pipe.generate(PROMPT, **REQ, seed=2, mode="exact")
     with pytest.raises(ValueError, match="loaded in mode 'exact'"):
