@@ -10,7 +10,9 @@ and gets the parent's spawn time, so the interpreter start and the imports count
 mode, runs pipe.warm_up() (the compile) at the request size, then a 1-step request, and prints its stages as JSON.
 
 Weights are random and built on the device, so no disk read is timed: a real server also reads ~11 GB of
-transformer weights (plus T5), so give `--model DIR` to time a real checkpoint's load instead. With random
+transformer weights (plus T5), so give `--model DIR` to time a checkpoint's load instead (`cogrt random-checkpoint
+DIR --preset cogvideox-5b --dtype bf16 --device cuda` writes one); diffusers, transformers and torchao are then
+imported by load_pipeline, beside the read, and count in "build". With random
 weights the VAE and T5 are the tiny ones unless `--real-vae-t5`: only the transformer's build, quantization and
 compile matter for the first step.
 
@@ -48,13 +50,15 @@ def child(a) -> dict:
         imports[name], t = time.time() - t, time.time()
     import torch
     lap("torch")
-    # diffusers, transformers and our quantization load these lazily: load them here, so that "build" is building
-    import torchao.quantization  # noqa: F401
-    lap("torchao")
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel  # noqa: F401
-    lap("diffusers")
-    from transformers import T5EncoderModel  # noqa: F401
-    lap("transformers")
+    if not a.model:
+        # the random components need these: load them here, so that "build" is building. load_pipeline (--model)
+        # imports them itself, in a thread beside the checkpoint's read, as a server does
+        import torchao.quantization  # noqa: F401
+        lap("torchao")
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel  # noqa: F401
+        lap("diffusers")
+        from transformers import T5EncoderModel  # noqa: F401
+        lap("transformers")
 
     import engine.pipeline
     from bench.components import engine_transformer, environment, random_components, weights_note

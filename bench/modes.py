@@ -45,7 +45,9 @@ from engine import modes
 from engine.model import PRESETS
 
 DIFFUSERS_ROWS = ("diffusers", "diffusers-compile", "diffusers-torchao-fp8-compile")
-ROWS = DIFFUSERS_ROWS + modes.MODES
+# fp8 with torchao's fast (less precise) fp8 accumulation, to weigh that choice (engine/quant.py FP8_FAST_ACCUM)
+VARIANT_ROWS = {"fp8-fast-accum": ("fp8", {"FP8_FAST_ACCUM": True})}
+ROWS = DIFFUSERS_ROWS + modes.MODES + tuple(VARIANT_ROWS)
 SIZES = {"cogvideox-2b": (49, 480, 720), "cogvideox-5b": (49, 480, 720), "cogvideox1.5-5b": (81, 768, 1360)}
 PROMPT = "a panda playing guitar in a bamboo forest, sunlight through the leaves"
 E2E_STEPS, FAST_COMPUTED = 50, 22  # 22 of 50: the ratio published for TeaCache 0.2 on 5B
@@ -59,9 +61,9 @@ def our_transforms(mode: str, dev: torch.device) -> modes.Transforms:
 def skip_reason(row: str, dev: torch.device) -> str | None:
     if row == "diffusers-torchao-fp8-compile" and not modes.has_fp8(dev):
         return "needs a CUDA GPU with fp8 tensor cores"
-    if row in modes.MODES:
+    if row in modes.MODES or row in VARIANT_ROWS:
         try:
-            our_transforms(row, dev)
+            our_transforms(VARIANT_ROWS.get(row, (row,))[0], dev)
         except ValueError as e:
             return str(e).split(";")[0]
     return None
@@ -114,7 +116,11 @@ def diffusers_row(row, c, a, dev, dtype):
     if row == "diffusers-torchao-fp8-compile":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
         quantize_(tr, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-        tr.compile(mode=a.torchao_compile_mode, fullgraph=True)
+        if a.torchao_compile == "full":
+            tr.compile(mode=a.torchao_compile_mode, fullgraph=True)
+        else:  # what diffusers now recommends: each block, one graph for all, a fraction of the compile time
+            for block in tr.transformer_blocks:
+                block.compile(mode=a.torchao_compile_mode, fullgraph=True)
     elif row == "diffusers-compile" and getattr(tr, "_repeated_blocks", None):
         tr.compile_repeated_blocks(fullgraph=True)
     elif row == "diffusers-compile":  # diffusers 0.42's CogVideoX declares no repeated blocks
@@ -153,15 +159,24 @@ def diffusers_row(row, c, a, dev, dtype):
     return (lambda: None), call, forward
 
 
-def ours_row(mode, c, a, dev, dtype):
+def ours_row(row, c, a, dev, dtype):
     from bench.components import engine_transformer
+    from engine import quant
     from engine.pipeline import assemble
     from engine.teacache import fixed_schedule
+    mode, settings = VARIANT_ROWS.get(row, (row, {}))
     ours = engine_transformer(c.transformer, c.cfg, dtype, copy=False)
     c.transformer = None  # our module holds the weights now
-    # keep_originals=False: no LoRA here, and 9.5 GB of pinned host copies would only slow the build
-    pipe = assemble(ours, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, dev, dtype, mode,
-                    our_transforms(mode, dev), cache_dir=os.path.join(a.cache_dir, mode), keep_originals=False)
+    saved = {k: getattr(quant, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(quant, k, v)
+        # keep_originals=False: no LoRA here, and 9.5 GB of pinned host copies would only slow the build
+        pipe = assemble(ours, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, dev, dtype, mode,
+                        our_transforms(mode, dev), cache_dir=os.path.join(a.cache_dir, row), keep_originals=False)
+    finally:
+        for k, v in saved.items():
+            setattr(quant, k, v)
 
     def call(steps, computed=None):
         kw = {"teacache_fixed_steps": fixed_schedule(steps, computed or steps)} if mode == "fast" else {}
@@ -242,6 +257,8 @@ def parse(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--torchao-compile-mode", default="max-autotune")
+    ap.add_argument("--torchao-compile", choices=["full", "regional"], default="full",
+                    help="the torchao row: the whole transformer compiled (the recipe), or each block")
     ap.add_argument("--fast-real", action=argparse.BooleanOptionalAction, help="fast's 50 steps for real (CUDA: on)")
     ap.add_argument("--real-vae-t5", action=argparse.BooleanOptionalAction, help="default: for the real presets")
     ap.add_argument("--cache-dir", help="compile caches, a folder per row (default: fresh ones: compiles are cold)")

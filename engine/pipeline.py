@@ -308,9 +308,6 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     `keep_originals` (quantized modes): LoRAs can be switched, rebuilding layers from their weights in the
     checkpoint file, read when a LoRA first touches them; False refuses LoRAs.
     """
-    from diffusers import AutoencoderKLCogVideoX
-    from transformers import AutoTokenizer, T5EncoderModel
-
     root = loader.resolve(path_or_hub_id)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -323,19 +320,23 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
         loader.read_json(root / comp / "config.json")
         loader.check_safetensors(loader.weight_files(root / comp, stem))
     sched_cfg = loader.read_json(root / "scheduler" / "scheduler_config.json")
-    import diffusers
-    if not hasattr(diffusers, str(sched_cfg.get("_class_name"))):
-        raise loader.CheckpointError(f"{root / 'scheduler' / 'scheduler_config.json'} names an unknown scheduler "
-                                     f"class {sched_cfg.get('_class_name')!r}")
     if not (root / "tokenizer").is_dir():
         raise loader.CheckpointError(f"missing folder: {root / 'tokenizer'}")
 
     home = torch.device("cpu") if offload else device
     source = None
+    importing = _import_in_background(chosen.quant is not None or chosen.text_encoder == "int8")
     if transformer is None:
         transformer = loader.load_transformer(root / "transformer", home, dtype)
         if chosen.quant and keep_originals:  # LoRA switches read the originals from the file, not a copy
             source = loader.CheckpointWeights(root / "transformer", transformer.cfg, dtype)
+    importing.join()
+    import diffusers
+    from diffusers import AutoencoderKLCogVideoX
+    from transformers import AutoTokenizer, T5EncoderModel
+    if not hasattr(diffusers, str(sched_cfg.get("_class_name"))):
+        raise loader.CheckpointError(f"{root / 'scheduler' / 'scheduler_config.json'} names an unknown scheduler "
+                                     f"class {sched_cfg.get('_class_name')!r}")
     try:
         vae = AutoencoderKLCogVideoX.from_pretrained(root / "vae", torch_dtype=dtype).to(home).eval()
         text_encoder = T5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).eval()
@@ -349,6 +350,22 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     if warm_up:
         pipe.warm_up()
     return pipe
+
+
+def _import_in_background(torchao: bool) -> threading.Thread:
+    """Import diffusers, transformers (and torchao) in a thread while the caller reads the transformer's weights:
+    the imports take ~15 s of a 5B start on the H200 and mostly run Python, the read mostly waits on memory
+    copies without holding the GIL. An import that fails here fails again, with its error, in the caller."""
+    def run():
+        with contextlib.suppress(Exception):
+            import diffusers  # noqa: F401
+            from diffusers import AutoencoderKLCogVideoX  # noqa: F401
+            from transformers import AutoTokenizer, T5EncoderModel  # noqa: F401
+            if torchao:
+                import torchao.quantization  # noqa: F401
+    thread = threading.Thread(target=run, name="cogrt-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def assemble(transformer, vae, text_encoder, tokenizer, scheduler_config: dict, device, dtype, mode: str = "exact",

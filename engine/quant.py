@@ -24,23 +24,34 @@ from torch import nn
 from .modes import QUANTS
 
 QUANTIZED = ("qkv", "out", "ff1", "ff2")
+# Blocks kept in the model dtype whole (negative: from the end). None by default; bench/fp8_ablation.py measures
+# what keeping the first and last does to quality.
+KEEP_BLOCKS: tuple[int, ...] = ()
+# fp8 matmuls accumulate in fp32 on the tensor cores (torchao's default is Hopper's faster, less precise
+# accumulation); bench/fp8_ablation.py measures both.
+FP8_FAST_ACCUM = False
 
 
 def config(kind: str):
-    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig,
-                                      Int8WeightOnlyConfig, PerRow)
+    """torchao's config for `kind`. set_inductor_config=False: torchao would otherwise switch on Inductor's
+    coordinate-descent tuning for the whole process, which re-benchmarks kernels at every start (130 runs in a
+    warm 5B start, measured) for a few percent on the small kernels around the GEMMs."""
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8MMConfig,
+                                      Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, PerRow)
     if kind == "fp8":
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False,
+                                                         mm_config=Float8MMConfig(use_fast_accum=FP8_FAST_ACCUM))
     if kind == "int8-dynamic":
-        return Int8DynamicActivationInt8WeightConfig()
+        return Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
     if kind == "int8-weight-only":
-        return Int8WeightOnlyConfig()
+        return Int8WeightOnlyConfig(set_inductor_config=False)
     raise ValueError(f"unknown quantization {kind!r}; valid: {', '.join(QUANTS)}")
 
 
 def targets(model: nn.Module) -> dict[str, nn.Linear]:
     """The transformer's linear layers that quantization replaces, by name."""
-    return {f"blocks.{i}.{n}": getattr(b, n) for i, b in enumerate(model.blocks) for n in QUANTIZED}
+    keep = {i % len(model.blocks) for i in KEEP_BLOCKS}
+    return {f"blocks.{i}.{n}": getattr(b, n) for i, b in enumerate(model.blocks) if i not in keep for n in QUANTIZED}
 
 
 def quantize(model: nn.Module, kind: str) -> None:

@@ -24,7 +24,13 @@ from . import quant
 from .lora import LoraState, host_copy
 from .modes import Transforms
 
-COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException,)
+# FailOnRecompileLimitHit is not a TorchDynamoException (torch 2.11), and fullgraph=True raises it
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException,
+                  *[e for e in (getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None),) if e is not None])
+# Every block of every compiled pipeline in the process runs the same code object, so each (shape, dtype,
+# transforms) a process serves is one entry in Dynamo's cache for it. The default limit of 8 is reached by a
+# replica that serves a few sizes in two modes; past it, fullgraph=True makes the call fail.
+RECOMPILE_LIMIT = 64
 
 
 def default_cache_dir() -> Path:
@@ -118,6 +124,9 @@ class Runner:
     # ------------------------------------------------------------------------------------------------
     def compile(self) -> None:
         use_compile_cache(self.cache_dir)
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
         mode = "reduce-overhead" if self.transforms.cuda_graphs else None
         for block in self.model.blocks:
             block.compile(fullgraph=True, dynamic=False, mode=mode)

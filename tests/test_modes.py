@@ -253,6 +253,35 @@ def test_compile_failure_falls_back_to_eager(checkpoint, pipeline, monkeypatch):
     assert np.array_equal(res.frames, pipeline("5b").generate(PROMPT, **REQ, seed=1).frames)
 
 
+def test_compile_raises_the_recompile_limit_and_hitting_it_falls_back(checkpoint, pipeline, monkeypatch):
+    """Every block of every pipeline shares one code object, so Dynamo's default limit (8 entries) is near; the
+    runner raises it, and a call that still hits it (fullgraph=True makes that an error) reruns eagerly."""
+    import engine.runner
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):  # restored after
+        _recompile_limit_test(checkpoint, pipeline, monkeypatch, engine.runner.RECOMPILE_LIMIT)
+
+
+def _recompile_limit_test(checkpoint, pipeline, monkeypatch, limit):
+    r = Runner(load_transformer(checkpoint("5b") / "transformer"), modes.Transforms(compile=True))
+    assert r.compiled and torch._dynamo.config.recompile_limit >= limit
+
+    def compile_eager(self):  # Dynamo without Inductor (quick), and a limit of one entry
+        torch._dynamo.config.recompile_limit = 1
+        for block in self.model.blocks:
+            block.compile(backend="eager", fullgraph=True)
+        self.compiled = True
+    monkeypatch.setattr(Runner, "compile", compile_eager)
+    torch._dynamo.reset()
+    pipe = engine.load_pipeline(checkpoint("5b"), device="cpu", dtype=torch.float32, compile=True)
+    other = {**REQ, "height": REQ["height"] + 16}
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        pipe.generate(PROMPT, **REQ, seed=1)
+        res = pipe.generate(PROMPT, **other, seed=1)  # a second shape: a second entry
+    assert not pipe.runner.compiled
+    assert np.array_equal(res.frames, pipeline("5b").generate(PROMPT, **other, seed=1).frames)
+    torch._dynamo.reset()
+
+
 def test_regional_compile_matches_eager(checkpoint, tmp_path):
     """Inductor on the CPU: every block through one compiled graph, warm-up included."""
     torch._dynamo.reset()
