@@ -64,7 +64,7 @@ class Runner:
         t0 = time.perf_counter()
         originals = None
         if transforms.quant:
-            targets = quant.targets(model)
+            targets = quant.targets(model, transforms.quant)
             if any(quant.is_quantized(m) for m in targets.values()):
                 raise ValueError("this transformer is quantized already; load a fresh one")
             if keep_originals and originals_source is not None:

@@ -152,9 +152,20 @@ def test_a_failed_quantization_puts_the_originals_back(checkpoint, monkeypatch):
     monkeypatch.setattr(quant, "quantize", half_way)
     with pytest.raises(RuntimeError, match="half-way"):
         Runner(model, modes.Transforms(quant="int8-dynamic"))
-    assert not any(quant.is_quantized(m) for m in quant.targets(model).values())
+    assert not any(quant.is_quantized(m) for m in quant.targets(model, "int8-dynamic").values())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_fp8_keeps_the_first_and_last_blocks_when_the_model_is_deep_enough():
+    from engine.model import PRESETS, CogVideoXTransformer
+    with torch.device("meta"):
+        deep, shallow = CogVideoXTransformer(PRESETS["cogrt-tiny"]), CogVideoXTransformer(PRESETS["tiny-5b"])
+    blocks = lambda m, kind: sorted({int(n.split(".")[1]) for n in quant.targets(m, kind)})
+    assert quant.KEEP_BLOCKS == (0, -1)
+    assert blocks(deep, "fp8") == [1, 2, 3, 4] and blocks(deep, "int8-dynamic") == [0, 1, 2, 3, 4, 5]
+    assert blocks(shallow, "fp8") == [0, 1]  # 2 blocks: keeping both would quantize nothing
+    assert set(quant.targets(deep, "fp8")) == {f"blocks.{i}.{n}" for i in range(1, 5) for n in quant.QUANTIZED}
 
 
 def test_checkpoint_weights_are_what_was_loaded_and_a_changed_file_is_refused(checkpoint, tmp_path):
@@ -163,7 +174,7 @@ def test_checkpoint_weights_are_what_was_loaded_and_a_changed_file_is_refused(ch
     shutil.copytree(checkpoint("5b") / "transformer", folder)
     model = load_transformer(folder)
     src = CheckpointWeights(folder, model.cfg, torch.float32)
-    for name, linear in quant.targets(model).items():
+    for name, linear in quant.targets(model, "int8-dynamic").items():
         assert name in src and torch.equal(src[name], linear.weight), name
     assert "blocks.0.norm1" in src and "blocks.0.nothing" not in src
     f = next(folder.glob("*.safetensors"))
