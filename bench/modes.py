@@ -45,9 +45,10 @@ from engine import modes
 from engine.model import PRESETS
 
 DIFFUSERS_ROWS = ("diffusers", "diffusers-compile", "diffusers-torchao-fp8-compile")
-# fp8 with its choices changed, to weigh them (engine/quant.py): every block in fp8 (not the first and last in
-# bf16), and fp32 accumulation (not Hopper's fast one)
-VARIANT_ROWS = {"fp8-all-blocks": ("fp8", {"KEEP_BLOCKS": ()}), "fp8-fp32-accum": ("fp8", {"FP8_FAST_ACCUM": False})}
+# fp8 with its choices changed, to weigh them (engine/quant.py): the first and last blocks in bf16, and fp32
+# accumulation instead of Hopper's fast one
+VARIANT_ROWS = {"fp8-keep-ends": ("fp8", {"KEEP_BLOCKS": (0, -1)}),
+                "fp8-fp32-accum": ("fp8", {"FP8_FAST_ACCUM": False})}
 ROWS = DIFFUSERS_ROWS + modes.MODES + tuple(VARIANT_ROWS)
 SIZES = {"cogvideox-2b": (49, 480, 720), "cogvideox-5b": (49, 480, 720), "cogvideox1.5-5b": (81, 768, 1360)}
 PROMPT = "a panda playing guitar in a bamboo forest, sunlight through the leaves"

@@ -1,11 +1,10 @@
 """Weight quantization through torchao: which layers, which config, and rewriting one layer in place.
 
-Quantized: the four matmuls of every block but the first and the last (`qkv`, `out`, `ff1`, `ff2`). They do
-more than 99.9% of 5B's linear FLOPs (24·N·d² per block) and hold 86% of its weights (the adaLN projections hold
-most of the rest).
+Quantized: the four matmuls of every block (`qkv`, `out`, `ff1`, `ff2`). They do more than 99.9% of 5B's
+linear FLOPs (24·N·d² per block) and hold 86% of its weights (the adaLN projections hold most of the rest).
 
 Kept in the model dtype, and why:
-- the first and last blocks (KEEP_BLOCKS): the measured quality of fp8 on the tiny model (below);
+- whole blocks only where KEEP_BLOCKS names them (none by default; measured below);
 - the adaLN projections (`norm1`, `norm2`, `norm_out`) and the time / ofs MLPs: they see one row per
   sample (M = 2 with CFG), so no GEMM gets faster, and their output scales and shifts every activation of
   a block: an error there is multiplied into everything downstream;
@@ -26,12 +25,13 @@ from torch import nn
 from .modes import QUANTS
 
 QUANTIZED = ("qkv", "out", "ff1", "ff2")
-# Blocks kept whole in the model dtype under fp8 (negative: from the end): the first, which reads the raw patch
-# and text embeddings, and the last, whose output becomes the velocity. On the bundled tiny model fp8 then gives
-# 30.1 dB against exact instead of 29.0 (bench/fp8_ablation.py, H200); there they are 2 of 6 blocks, in 5B 2 of
-# 42. int8 lost no such quality (35 dB), so it quantizes every block. Models of fewer than 3 blocks per kept
-# one (the 2-block test models) quantize every block too, so that the kept ones are never most of the model.
-KEEP_BLOCKS: tuple[int, ...] = (0, -1)
+# Blocks kept whole in the model dtype under fp8 (negative: from the end), such as (0, -1): the first reads the raw
+# patch and text embeddings, the last writes the velocity. None by default: on the bundled tiny model (8 prompts,
+# H200, bench/fp8_ablation.py) keeping those two gave 29.3 dB against exact where quantizing all gave 29.1, and
+# 30.1 once with fp32 accumulation; prompt to prompt the PSNR moves by 5-10 dB, so 8 prompts cannot tell these
+# apart, and on 5B the two blocks cost 0.6% of the fp8 step. int8 never keeps any (35 dB on its own), nor does a
+# model of fewer than 3 blocks per kept one, so that the kept ones are never most of the model.
+KEEP_BLOCKS: tuple[int, ...] = ()
 # Hopper's fast fp8 accumulation (torchao's default). fp32 accumulation measured no better on the tiny model
 # (29.0 against 29.1 dB, bench/fp8_ablation.py), so the fast one stays.
 FP8_FAST_ACCUM = True
