@@ -54,6 +54,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", help="a checkpoint directory: load_pipeline from it, so the originals are read from "
+                                    "the file at a layer's first switch (the first none->A sample) and pinned then")
     ap.add_argument("--json")
     ap.add_argument("--results", help="append the table and the command to this markdown file (bench/RESULTS.md)")
     a = ap.parse_args(argv)
@@ -68,13 +70,19 @@ def run(a, argv, tmp: Path) -> dict:
     from engine.pipeline import assemble
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    c = random_components(a.preset, dev, dtype, a.seed, real_vae_t5=False)
-    ours = engine_transformer(c.transformer, c.cfg, dtype, copy=False)
-    c.transformer = None  # our module holds the weights now
-    # keep_originals: the high-precision weights a switch rebuilds from (what load_pipeline keeps by default)
-    pipe = assemble(ours, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, dev, dtype, a.mode,
-                    modes.transforms_for(a.mode, dev), cache_dir=tmp / "compile", keep_originals=True)
-    paths = {n: random_lora(tmp / f"{n}.safetensors", c.cfg, a.rank, a.seed + k) for k, n in enumerate("AB")}
+    if a.model:
+        from engine.pipeline import load_pipeline
+        pipe = load_pipeline(a.model, dev, dtype, mode=a.mode, cache_dir=tmp / "compile")
+        cfg, weights = pipe.cfg, f"the checkpoint in {a.model}; originals read from it at the first switch"
+    else:
+        c = random_components(a.preset, dev, dtype, a.seed, real_vae_t5=False)
+        ours = engine_transformer(c.transformer, c.cfg, dtype, copy=False)
+        c.transformer = None  # our module holds the weights now
+        # keep_originals: pinned copies of the high-precision weights a switch rebuilds from, made at load
+        pipe = assemble(ours, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, dev, dtype, a.mode,
+                        modes.transforms_for(a.mode, dev), cache_dir=tmp / "compile", keep_originals=True)
+        cfg, weights = c.cfg, weights_note(c.cfg, False) + "; originals pinned at load"
+    paths = {n: random_lora(tmp / f"{n}.safetensors", cfg, a.rank, a.seed + k) for k, n in enumerate("AB")}
     sets = {n: ([(read_lora(p), 1.0)], lora_key([(p, 1.0)])) for n, p in paths.items()}
     sets["none"] = ([], lora_key([]))
 
@@ -92,7 +100,7 @@ def run(a, argv, tmp: Path) -> dict:
         raise RuntimeError(f"LoRA switching did not change the weights ({changed=}) or restore them ({restored=})")
 
     meta = dict(environment(dev), preset=a.preset, mode=a.mode, transforms=pipe.transforms.describe(), rank=a.rank,
-                repeats=a.repeats, weights=weights_note(c.cfg, False), layers_rewritten=layers,
+                repeats=a.repeats, weights=weights, layers_rewritten=layers,
                 lora_file_mib=paths["A"].stat().st_size / 2**20, target_s=TARGET_S,
                 command="python -m bench.lora_switch " + shlex.join(argv),
                 switches={s: dict(median_s=statistics.median(v), samples_s=v) for s, v in times.items()})
@@ -102,12 +110,12 @@ def run(a, argv, tmp: Path) -> dict:
                     f"{'0' if s == 'A->A' else f'{TARGET_S:g}'} |")
     table = "\n".join(rows)
     print(table)
-    print(f"layers rewritten: {layers} (fused q/k/v and out of {c.cfg.num_layers} blocks); "
+    print(f"layers rewritten: {layers} (fused q/k/v and out of {cfg.num_layers} blocks); "
           f"LoRA file {meta['lora_file_mib']:.0f} MiB")
     if a.json:
         Path(a.json).write_text(json.dumps(meta, indent=2))
     if a.results:
-        append_results(a.results, f"LoRA switch: {a.preset}, {a.mode}, rank {a.rank} attention LoRA "
+        append_results(a.results, f"LoRA switch: {a.model or a.preset}, {a.mode}, rank {a.rank} attention LoRA "
                        f"({layers} layers rewritten)", meta, table)
     return meta
 

@@ -126,6 +126,14 @@ def test_lora_switch(tmp_path):
     assert "python -m bench.lora_switch" in results.read_text() and "| A->B |" in results.read_text()
 
 
+def test_lora_switch_from_a_checkpoint(checkpoint):
+    """--model: the originals come from the checkpoint file at the first switch, and are kept after it."""
+    from bench.lora_switch import main
+    meta = main(LORA + ["--model", str(checkpoint("5b"))])
+    assert "originals read from it" in meta["weights"] and meta["layers_rewritten"] == 4
+    assert all(len(meta["switches"][s]["samples_s"]) == 2 for s in ("none->A", "A->B", "B->none"))
+
+
 def test_lora_switch_notices_a_switch_that_does_nothing(monkeypatch):
     from bench.lora_switch import main
     from engine.lora import LoraState
