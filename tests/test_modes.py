@@ -223,6 +223,11 @@ def test_int8_mode_pipeline_end_to_end(checkpoint, pipeline, tmp_path):
     ref_lora = pipeline("5b").generate(PROMPT, **REQ, seed=2, loras=[(lora, 1.0)])
     assert rel_err(with_lora.latents, ref_lora.latents) < 0.1 < rel_err(with_lora.latents, res.latents)
     assert rel_err(pipe.generate(PROMPT, **REQ, seed=2).latents, res.latents) < 1e-6  # switched back exactly
+    pinned = engine.load_pipeline(checkpoint("5b"), device="cpu", dtype=torch.float32, mode="int8-dynamic",
+                                  keep_originals="pinned")
+    assert pinned.runner.loras.source is None and set(pinned.runner.loras.originals) == set(
+        quant.targets(pinned.transformer, "int8-dynamic"))
+    assert np.array_equal(pinned.generate(PROMPT, **REQ, seed=2, loras=[(lora, 1.0)]).frames, with_lora.frames)
     with pytest.raises(ValueError, match="loaded in mode 'int8-dynamic'"):
         pipe.generate(PROMPT, **REQ, seed=2, mode="exact")
     with pytest.raises(ValueError, match="loaded in mode 'exact'"):
