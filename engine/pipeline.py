@@ -215,6 +215,8 @@ class Pipeline:
         old_x0 = None
         if image is not None and cfg_on:
             image = torch.cat([image, image])
+        if cache is not None:  # the whole TeaCache schedule now, not a host sync in every step
+            teacache.precompute(self.transformer, cache, timesteps, 2 if cfg_on else 1, ofs, latents.dtype)
         with torch.no_grad():
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", unit="step")):
                 x = torch.cat([latents, latents]) if cfg_on else latents

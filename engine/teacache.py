@@ -15,8 +15,10 @@ the published polynomials only mean something for the indicator they were fitted
 timestep alone, which also makes the decision the same for both halves of a CFG batch.
 
 The decision is plain Python between the embedding and the blocks (`forward` below), outside anything that
-is compiled: a compiled `Block` never sees it. It costs one small host sync per step (`rel_l1`). Since `e`
-depends on the timestep alone, the whole schedule could be worked out before the loop instead; not done yet.
+is compiled: a compiled `Block` never sees it. Since `e` depends on the timestep alone, `precompute` works out
+the whole schedule before the loop, from the same embeddings the loop would make, with one host sync per
+request instead of one per step. Calibration (which also records the output's change) and the benchmark's
+fixed schedules decide step by step.
 """
 from __future__ import annotations
 
@@ -122,6 +124,20 @@ class TeaCacheState:
     trace: list[tuple[float, float]] | None = None  # calibration: (indicator, output change) per step after the first
     distance: float | None = None  # the indicator at the current step
     prev_out: torch.Tensor | None = None  # calibration: the previous step's output
+    schedule: frozenset[int] | None = None  # the steps to compute, when worked out before the loop (plan)
+
+    def plan(self, distances: list[float]) -> None:
+        """Decide every step up front from the indicator's distances (distances[i - 1]: step i against step i - 1),
+        by the rule `decide` applies step by step."""
+        if len(distances) != self.num_steps - 1:
+            raise ValueError(f"{len(distances)} distances for {self.num_steps} steps")
+        computed, acc = {0, self.num_steps - 1}, 0.0
+        for step in range(1, self.num_steps - 1):
+            acc += max(0.0, float(np.polyval(self.coefficients, distances[step - 1])))
+            if acc >= self.threshold:
+                computed.add(step)
+                acc = 0.0
+        self.schedule = frozenset(computed)
 
     def decide(self, step: int, emb: torch.Tensor) -> bool:
         """True: run the blocks at this step. Steps must come in order, each once."""
@@ -129,6 +145,10 @@ class TeaCacheState:
             raise RuntimeError(f"TeaCacheState got step {step} after {len(self.computed) + len(self.skipped)} steps "
                                f"of {self.num_steps}: a state serves one request, step by step")
         self.distance = None
+        if self.schedule is not None:
+            compute = step in self.schedule
+            (self.computed if compute else self.skipped).append(step)
+            return compute
         if self.prev_emb is not None and (self.fixed is None or self.trace is not None):
             self.distance = rel_l1(self.prev_emb, emb)
         self.prev_emb = emb
@@ -154,6 +174,17 @@ def new_state(req, num_steps: int) -> TeaCacheState | None:
     if req.teacache is None:
         return None
     return TeaCacheState(float(req.teacache), tuple(req.teacache_coefficients), num_steps)
+
+
+def precompute(model, state: TeaCacheState, timesteps: torch.Tensor, batch: int, ofs, dtype) -> None:
+    """state.plan() from the time embeddings of every step, made as the loop makes them (the same batch, so the
+    same numbers); one host sync. Calibration and fixed schedules are left to decide step by step."""
+    if state.fixed is not None or state.trace is not None or state.num_steps < 3:
+        return
+    with torch.no_grad():
+        embs = [model.embed_time(t.expand(batch), ofs, dtype).float() for t in timesteps]  # each (B, time_embed_dim)
+        d = torch.stack([(b - a).abs().mean() / a.abs().mean() for a, b in zip(embs, embs[1:])])
+    state.plan(d.tolist())
 
 
 def cached_blocks(model, state: TeaCacheState, compute: bool, v, c, temb, rope):

@@ -66,6 +66,25 @@ def test_decisions_follow_the_accumulated_rescaled_distance(pipeline):
     assert res.steps_skipped == [i for i in range(steps) if i not in want]
 
 
+def test_schedule_worked_out_before_the_loop_matches_step_by_step(pipeline, monkeypatch):
+    """The planned schedule makes the same decisions as deciding at each step, with no host sync in the loop."""
+    pipe, kw = pipeline("5b"), {**KW, "num_inference_steps": 12}
+    embs = _embeddings(pipe, 12)
+    d = [((b - a).abs().mean() / a.abs().mean()).item() for a, b in zip(embs, embs[1:])]
+    req = dict(teacache=2.5 * float(np.median(d)), teacache_coefficients=[1.0, 0.0])
+    planned = pipe.generate(PROMPT, **req, **kw)
+    monkeypatch.setattr(teacache, "precompute", lambda *a, **k: None)  # back to deciding at each step
+    stepwise = pipe.generate(PROMPT, **req, **kw)
+    assert 2 < len(planned.steps_computed) < 12
+    assert planned.steps_computed == stepwise.steps_computed and torch.equal(planned.latents, stepwise.latents)
+    monkeypatch.undo()
+
+    def no_sync(*a):
+        raise AssertionError("a per-step indicator sync")
+    monkeypatch.setattr(teacache, "rel_l1", no_sync)
+    assert pipe.generate(PROMPT, **req, **kw).steps_computed == planned.steps_computed
+
+
 @pytest.fixture(scope="module")
 def model_inputs():
     torch.manual_seed(0)
