@@ -37,15 +37,9 @@ def main(argv=None) -> dict:
     kw = dict(num_frames=49, guidance_scale=6.0, num_inference_steps=a.steps)
 
     def videos(transforms, settings):
-        saved = {k: getattr(quant, k) for k in settings}
-        try:
-            for k, v in settings.items():
-                setattr(quant, k, v)
+        with quant.overrides(**settings):
             # eager: compiling changes no rounding here, and saves a compile per variant
             pipe = load_pipeline(a.model, compile=False, **transforms)
-        finally:
-            for k, v in saved.items():
-                setattr(quant, k, v)
         return [pipe.generate(p, seed=i, **kw).frames for i, p in enumerate(prompts)]
 
     ref, out = videos({}, {}), {}

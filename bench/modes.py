@@ -169,16 +169,10 @@ def ours_row(row, c, a, dev, dtype):
     mode, settings = VARIANT_ROWS.get(row, (row, {}))
     ours = engine_transformer(c.transformer, c.cfg, dtype, copy=False)
     c.transformer = None  # our module holds the weights now
-    saved = {k: getattr(quant, k) for k in settings}
-    try:
-        for k, v in settings.items():
-            setattr(quant, k, v)
+    with quant.overrides(**settings):
         # keep_originals=False: no LoRA here, and 9.5 GB of pinned host copies would only slow the build
         pipe = assemble(ours, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, dev, dtype, mode,
                         our_transforms(mode, dev), cache_dir=os.path.join(a.cache_dir, row), keep_originals=False)
-    finally:
-        for k, v in saved.items():
-            setattr(quant, k, v)
 
     def call(steps, computed=None):
         kw = {"teacache_fixed_steps": fixed_schedule(steps, computed or steps)} if mode == "fast" else {}

