@@ -97,7 +97,8 @@ def child(a) -> dict:
     marks["decode"] = res.timings["decode"]
     end = time.time()
     return dict(environment(dev), preset=a.model or a.preset, mode=a.mode, transforms=pipe.transforms.describe(),
-                frames=f, height=h, width=w, weights=weights, stages=marks, imports=imports, compile_counters=caches,
+                frames=f, height=h, width=w, weights=weights, stages=marks, imports=imports,
+                load=pipe.load_timings, compile_counters=caches,
                 compiled=pipe.runner.compiled,
                 total_to_first_step=end - marks["decode"] - start, total_to_first_video=end - start)
 

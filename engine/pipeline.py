@@ -44,6 +44,7 @@ class Pipeline:
         self.vae_tiling = self.transforms.vae_tiling
         self.video_processor = VideoProcessor(vae_scale_factor=8)
         self._lock = threading.Lock()  # one request at a time: LoRA switching edits the shared weights
+        self.load_timings: dict[str, float] = {}  # load_pipeline's stages, in seconds
 
     @property
     def cfg(self) -> ModelConfig:
@@ -329,12 +330,15 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
 
     home = torch.device("cpu") if offload else device
     source = None
+    laps = _Laps(device)
     importing = _import_in_background(chosen.quant is not None or chosen.text_encoder == "int8")
     if transformer is None:
         transformer = loader.load_transformer(root / "transformer", home, dtype)
         if chosen.quant and keep_originals and keep_originals != "pinned":  # read from the file, not copied
             source = loader.CheckpointWeights(root / "transformer", transformer.cfg, dtype)
+    laps("read_transformer")
     importing.join()
+    laps("wait_for_imports")
     import diffusers
     from diffusers import AutoencoderKLCogVideoX
     from transformers import AutoTokenizer, T5EncoderModel
@@ -347,13 +351,30 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     except (OSError, ValueError) as e:
         raise loader.CheckpointError(f"could not load a component of {root}: {e}") from e
+    laps("vae_and_text_encoder")
     coefficients = root / "teacache_coefficients.json"
     pipe = assemble(transformer, vae, text_encoder.to(home), tokenizer, sched_cfg, device, dtype, mode, chosen,
                     offload=offload, cache_dir=cache_dir, keep_originals=keep_originals, originals_source=source,
                     coefficients=coefficients if coefficients.is_file() else None)
+    laps("transforms")
     if warm_up:
         pipe.warm_up()
+        laps("warm_up")
+    pipe.load_timings = laps.times
     return pipe
+
+
+class _Laps:
+    """Where a load's seconds went (pipe.load_timings), each lap ending in a device sync."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times, self.t = device, {}, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name], self.t = now - self.t, now
 
 
 def _import_in_background(torchao: bool) -> threading.Thread:

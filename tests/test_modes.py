@@ -309,9 +309,14 @@ def test_regional_compile_matches_eager(checkpoint, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a fallback to eager would warn
         assert r.warm_up(3, 8, 10, 2, 7, CPU, torch.float32) > 0
+        graphs = dict(torch._dynamo.utils.counters["stats"])
+        assert graphs.get("unique_graphs", 0) >= 1
         x, text, t = inputs(model.cfg, CPU, torch.float32)
         with torch.no_grad():
             got, want = model(x, text, t), eager(x, text, t)
+    # the warm-up ran one block, and that compiled the graph every block runs: the full call compiled nothing
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs
+    assert len(model.blocks) == model.cfg.num_layers
     assert r.compiled and rel_err(got, want) < 1e-5
     assert any((tmp_path / "cache" / "inductor").rglob("*")), "nothing was written to the compile cache"
 
