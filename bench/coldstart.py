@@ -11,7 +11,8 @@ mode, runs pipe.warm_up() (the compile) at the request size, then a 1-step reque
 
 Weights are random and built on the device, so no disk read is timed: a real server also reads ~11 GB of
 transformer weights (plus T5), so give `--model DIR` to time a checkpoint's load instead (`cogrt random-checkpoint
-DIR --preset cogvideox-5b --dtype bf16 --device cuda` writes one); diffusers, transformers and torchao are then
+DIR --preset cogvideox-5b --dtype bf16 --device cuda --real-t5` writes one, with a T5-XXL as the released
+models have: without `--real-t5` its T5 is test-sized); diffusers, transformers and torchao are then
 imported by load_pipeline, beside the read, and count in "build". With random
 weights the VAE and T5 are the tiny ones unless `--real-vae-t5`: only the transformer's build, quantization and
 compile matter for the first step.
@@ -74,7 +75,9 @@ def child(a) -> dict:
     if a.model:
         pipe = engine.pipeline.load_pipeline(a.model, dev, dtype, mode=a.mode, cache_dir=a.cache_dir,
                                              compile=a.compile)
-        cfg, weights = pipe.cfg, f"the checkpoint in {a.model}"
+        t5 = pipe.text_encoder.config
+        cfg, weights = pipe.cfg, (f"the checkpoint in {a.model} (its T5: {t5.num_layers} layers of width "
+                                  f"{t5.d_model}{', T5-XXL' if t5.num_layers == 24 and t5.d_model == 4096 else ''})")
     else:
         cfg = PRESETS[a.preset]
         c = random_components(a.preset, dev, dtype, a.seed, a.real_vae_t5 or False)

@@ -26,11 +26,6 @@ import torch
 from engine.model import PRESETS, ModelConfig
 
 # T5-XXL's encoder (the text encoder of every released CogVideoX)
-T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
-              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
-              is_encoder_decoder=False, use_cache=False)
-
-
 @dataclass
 class Components:
     cfg: ModelConfig
@@ -69,18 +64,6 @@ def random_vae(cfg: ModelConfig, real: bool):
         sample_height=cfg.sample_height * 8, sample_width=cfg.sample_width * 8).eval().requires_grad_(False)
 
 
-def random_t5(cfg: ModelConfig, real: bool):
-    from transformers import T5Config, T5EncoderModel
-    if real:
-        if cfg.text_embed_dim != T5_XXL["d_model"]:
-            raise ValueError(f"T5-XXL gives 4096-wide embeddings; this model takes {cfg.text_embed_dim}")
-        conf = T5Config(**T5_XXL)
-    else:  # as engine/random_model.py: one narrow layer that gives embeddings of the model's width
-        conf = T5Config(vocab_size=384, d_model=cfg.text_embed_dim, d_kv=16, d_ff=2 * cfg.text_embed_dim, num_layers=1,
-                        num_heads=2, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
-    return T5EncoderModel(conf).eval().requires_grad_(False)
-
-
 def scheduler_config(cfg: ModelConfig) -> dict:
     from engine.random_model import write_scheduler
     with tempfile.TemporaryDirectory() as d:  # the released config, as write_scheduler saves it
@@ -100,6 +83,8 @@ def random_components(preset: str, device, dtype: torch.dtype, seed: int = 0,
     """All components of `preset`, random from `seed`. `real_vae_t5` (default: for real presets) picks the
     real-size VAE and T5-XXL over the tiny ones."""
     from transformers import ByT5Tokenizer
+
+    from engine.random_model import random_t5
     cfg = PRESETS[preset]
     real = is_real(cfg) if real_vae_t5 is None else real_vae_t5
     if real and not is_real(cfg):

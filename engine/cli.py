@@ -11,7 +11,7 @@ BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "cogrt-tiny"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 BENCHES = {"modes": "bench.modes", "coldstart": "bench.coldstart", "lora-switch": "bench.lora_switch",
            "quality": "bench.quality", "fp8-ablation": "bench.fp8_ablation", "kernels": "bench.kernels",
-           "step": "bench.step"}
+           "step": "bench.step", "read": "bench.read"}
 
 
 def _lora_arg(s: str) -> tuple[str, float]:
@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--dtype", choices=list(DTYPES), help="the transformer's stored dtype (default fp32)")
     r.add_argument("--device", default="cpu", help="where to build the random transformer (cuda is faster at 5B)")
+    r.add_argument("--real-t5", action="store_true", help="T5-XXL's shape (9.5 GB in bf16), to time a real start; "
+                                                          "default: a test-sized T5")
 
     c = sub.add_parser("convert-lora", help="rewrite a LoRA with its scale in the standard header")
     c.add_argument("src", help="a LoRA .safetensors: diffusers, finetrainers or SAT key names")
@@ -215,7 +217,7 @@ def cmd_random(a) -> int:
     from .random_model import write_random_checkpoint
     import torch
     dtype = getattr(torch, DTYPES[a.dtype]) if a.dtype else None
-    out = write_random_checkpoint(a.out, a.preset, a.seed, dtype=dtype, device=a.device)
+    out = write_random_checkpoint(a.out, a.preset, a.seed, dtype=dtype, device=a.device, real_t5=a.real_t5)
     print(f"wrote a random-weight {a.preset} checkpoint to {out}")
     return 0
 

@@ -6,6 +6,7 @@ diffusers / transformers, which own those components.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -90,17 +91,99 @@ def check_safetensors(files: list[Path]) -> None:
             raise CheckpointError(f"corrupt or unreadable safetensors file {f}: {e}") from e
 
 
-def read_safetensors(files: list[Path], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    out: dict[str, torch.Tensor] = {}
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+CHUNK, WORKERS = 32 << 20, 4  # bytes per read, and parallel readers: measured on the H200 (bench/RESULTS.md)
+
+
+def read_safetensors(files: list[Path], device: str | torch.device = "cpu", chunk: int = CHUNK,
+                     workers: int = WORKERS) -> dict[str, torch.Tensor]:
+    """Every tensor of `files`, in its stored dtype, on `device`.
+
+    safetensors' own loader copies tensor by tensor from a memory map, one thread, pageable: 1.5 GB/s into an
+    H200, 7.5 s of a 5B start. Here the library checks each file (header, offsets, size), and then `workers`
+    threads read the data in `chunk`-byte pieces (the syscall releases the GIL) into their own pinned buffers
+    and copy each piece to the tensors it overlaps on their own CUDA streams, while the next piece is read."""
+    import concurrent.futures
+    check_safetensors(files)
+    device = torch.device(device)
+    out, jobs = {}, []
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt", device=str(device)) as fh:
-                for k in fh.keys():
-                    out[k] = fh.get_tensor(k)
-        except Exception as e:
-            raise CheckpointError(f"corrupt or unreadable safetensors file {f}: {e}") from e
+        begin, entries = _layout(f)
+        for name, (dtype, shape, a, b) in entries.items():
+            out[name] = torch.empty(shape, dtype=dtype, device=device)
+            if b > a:
+                jobs.append((begin + a, begin + b, out[name].view(-1).view(torch.uint8)))
+        spans = _split(sorted(jobs, key=lambda j: j[0]), workers)
+        with concurrent.futures.ThreadPoolExecutor(len(spans) or 1) as pool:
+            for done in [pool.submit(_read_span, f, span, device, chunk) for span in spans]:
+                done.result()
+        jobs = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return out
+
+
+def _layout(f: Path) -> tuple[int, dict]:
+    """Where the data starts, and name -> (dtype, shape, first byte, end byte) relative to it. The format: an
+    8-byte little-endian header size, that many bytes of JSON, then the data (safetensors' documented layout)."""
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        return 8 + n, {k: (_DTYPES[v["dtype"]], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"corrupt or unreadable safetensors file {f}: {e}") from e
+
+
+def _split(jobs: list, parts: int) -> list[list]:
+    """Tensors sorted by offset -> up to `parts` runs of about equal bytes, each read front to back by one thread."""
+    total = sum(b - a for a, b, _ in jobs)
+    spans, size = [[]], 0
+    for job in jobs:
+        if size >= total / parts * len(spans) and len(spans) < parts:
+            spans.append([])
+        spans[-1].append(job)
+        size += job[1] - job[0]
+    return [s for s in spans if s]
+
+
+def _read_span(f: Path, span: list, device: torch.device, chunk: int) -> None:
+    """Read the file bytes of `span`'s tensors in pieces of up to `chunk` bytes, through two staging buffers
+    (pinned, for CUDA) so that reading one piece overlaps copying the last."""
+    cuda = device.type == "cuda"
+    first, last = span[0][0], max(b for _, b, _ in span)
+    size = min(chunk, last - first)
+    slots = [torch.empty(size, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+    copied = [None, None]  # the event after each slot's last copy: wait for it before reading into the slot again
+    stream = torch.cuda.Stream(device) if cuda else None
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        i, pos = 0, first
+        while pos < last:
+            n = min(size, last - pos)
+            if copied[i % 2] is not None:
+                copied[i % 2].synchronize()
+            buf = slots[i % 2][:n]
+            got = os.preadv(fd, [memoryview(buf.numpy())], pos)
+            if got != n:
+                raise CheckpointError(f"corrupt or unreadable safetensors file {f}: {n - got} bytes missing at "
+                                      f"byte {pos + got}")
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                for a, b, dst in span:  # each tensor's bytes that fall in [pos, pos + n)
+                    lo, hi = max(a, pos), min(b, pos + n)
+                    if lo < hi:
+                        dst[lo - a:hi - a].copy_(buf[lo - pos:hi - pos], non_blocking=cuda)
+                if cuda:
+                    copied[i % 2] = torch.cuda.Event()
+                    copied[i % 2].record(stream)
+            i, pos = i + 1, pos + n
+        if cuda:
+            stream.synchronize()
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,6 +312,43 @@ def load_transformer(folder: str | os.PathLike, device=None, dtype: torch.dtype 
     cfg = load_config(folder)
     sd = to_engine_state_dict(read_safetensors(weight_files(folder), device or "cpu"), cfg)
     return build_transformer(cfg, sd, dtype, source=folder)
+
+
+def load_text_encoder(folder: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
+    """The T5 encoder, built on the meta device and given its weights by read_safetensors on `device`.
+
+    transformers' from_pretrained reads a memory map to the CPU and the caller then copies it over: for T5-XXL
+    (9.5 GB in bf16) that is seconds of every start before the first prompt can be encoded. The tied input
+    embedding (`shared`, which `encoder.embed_tokens` is) may be stored under either name."""
+    from transformers import T5Config, T5EncoderModel
+    folder = Path(folder)
+    try:
+        config = T5Config.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'config.json'} is not a T5 config: {e}") from e
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    sd = read_safetensors(weight_files(folder, "model"), device or "cpu")
+    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
+        sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
+    sd.pop("encoder.embed_tokens.weight", None)
+    expected = {k for k in model.state_dict() if k != "encoder.embed_tokens.weight"}
+    missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or extra:
+        raise CheckpointError(f"{folder}: weights do not match its T5 config (missing {missing[:5]}, "
+                              f"unexpected {extra[:5]})")
+    # in fp16, T5's feed-forward outputs overflow: transformers keeps those layers (`wo`) in fp32, and so do we
+    fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else set()
+    for k, v in sd.items():
+        want = torch.float32 if fp32 & set(k.split(".")) else dtype
+        if want is not None and v.is_floating_point() and v.dtype != want:
+            sd[k] = v.to(want)
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.encoder.embed_tokens = model.shared  # one module in older transformers; tied after loading in newer
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left or model.encoder.embed_tokens.weight is not model.shared.weight:
+        raise CheckpointError(f"{folder}: T5 tensors left unloaded: {left[:5]}")
+    return model.eval().requires_grad_(False)
 
 
 class CheckpointWeights:

@@ -341,13 +341,13 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     laps("wait_for_imports")
     import diffusers
     from diffusers import AutoencoderKLCogVideoX
-    from transformers import AutoTokenizer, T5EncoderModel
+    from transformers import AutoTokenizer
     if not hasattr(diffusers, str(sched_cfg.get("_class_name"))):
         raise loader.CheckpointError(f"{root / 'scheduler' / 'scheduler_config.json'} names an unknown scheduler "
                                      f"class {sched_cfg.get('_class_name')!r}")
     try:
         vae = AutoencoderKLCogVideoX.from_pretrained(root / "vae", torch_dtype=dtype).to(home).eval()
-        text_encoder = T5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).eval()
+        text_encoder = loader.load_text_encoder(root / "text_encoder", home, dtype)
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     except (OSError, ValueError) as e:
         raise loader.CheckpointError(f"could not load a component of {root}: {e}") from e

@@ -46,13 +46,35 @@ def write_scheduler(folder: str | os.PathLike, cfg: ModelConfig, kind: str | Non
     return sched_cls
 
 
+T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+              is_encoder_decoder=False, use_cache=False)  # the released models' text encoder (4.8B parameters)
+
+
+def random_t5(cfg: ModelConfig, real: bool = False, layers: int = 1):
+    """A random T5 encoder giving the model's embedding width: T5-XXL's shape if `real`, else `layers` narrow
+    layers (test-sized)."""
+    from transformers import T5Config, T5EncoderModel
+    if real:
+        if cfg.text_embed_dim != T5_XXL["d_model"]:
+            raise ValueError(f"T5-XXL gives 4096-wide embeddings; this model takes {cfg.text_embed_dim}")
+        conf = T5Config(**T5_XXL)
+    else:
+        conf = T5Config(vocab_size=384, d_model=cfg.text_embed_dim, d_kv=16, d_ff=2 * cfg.text_embed_dim,
+                        num_layers=layers, num_heads=2, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                        use_cache=False)
+    return T5EncoderModel(conf).eval().requires_grad_(False)
+
+
 def write_random_checkpoint(out: str | os.PathLike, preset: str | ModelConfig = "tiny-5b", seed: int = 0,
                             vae_channels: int | tuple[int, ...] = 16, t5_layers: int = 1,
-                            scheduler: str | None = None, dtype: torch.dtype | None = None, device="cpu") -> Path:
+                            scheduler: str | None = None, dtype: torch.dtype | None = None, device="cpu",
+                            real_t5: bool = False) -> Path:
     """`dtype`: the transformer's stored dtype (default fp32; the released checkpoints are bf16). `device`: where
-    the random transformer is built (a GPU builds 5B in seconds)."""
+    the random transformer (and T5) is built (a GPU builds 5B in seconds). `real_t5`: T5-XXL's shape, stored in
+    `dtype` (bf16 by default, as released; 9.5 GB), for timing a real start; else a test-sized T5."""
     from diffusers import AutoencoderKLCogVideoX
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    from transformers import ByT5Tokenizer
 
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     out = Path(out)
@@ -73,10 +95,13 @@ def write_random_checkpoint(out: str | os.PathLike, preset: str | ModelConfig = 
     vae.save_pretrained(out / "vae")
 
     torch.manual_seed(seed + 2)
-    t5 = T5EncoderModel(T5Config(vocab_size=384, d_model=cfg.text_embed_dim, d_kv=16, d_ff=2 * cfg.text_embed_dim,
-                                 num_layers=t5_layers, num_heads=2, feed_forward_proj="gated-gelu",
-                                 is_encoder_decoder=False, use_cache=False))
+    if real_t5:
+        with torch.device(device):
+            t5 = random_t5(cfg, real=True).to(dtype or torch.bfloat16)
+    else:
+        t5 = random_t5(cfg, layers=t5_layers)
     t5.save_pretrained(out / "text_encoder")
+    del t5
     ByT5Tokenizer().save_pretrained(out / "tokenizer")
 
     sched_cls = write_scheduler(out / "scheduler", cfg, scheduler)
