@@ -21,7 +21,7 @@ from . import loader, modes, teacache
 from .lora import lora_key, read_lora
 from .model import CogVideoXTransformer, ModelConfig
 from .request import GenerationRequest, GenerationResult
-from .runner import COMPILE_ERRORS, Runner
+from .runner import Runner, compile_errors
 
 # The untiled decode of 49 x 480 x 720 peaked at 15.4 GB in bf16 on the H100 (ANCHORS.md); scale from there.
 _DECODE_BYTES_PER_PIXEL_FRAME = 15.4e9 / (49 * 480 * 720) / 2
@@ -66,7 +66,7 @@ class Pipeline:
             try:
                 try:
                     return self._run(req, mode, loras, key, progress, cache)
-                except COMPILE_ERRORS as e:
+                except compile_errors() as e:
                     if not self.runner.compiled or cache is not None:
                         raise
                     self.runner.uncompile(e)  # every block back to eager, then the request once more
@@ -331,13 +331,14 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     home = torch.device("cpu") if offload else device
     source = None
     laps = _Laps(device)
-    importing = _import_in_background(chosen.quant is not None or chosen.text_encoder == "int8")
+    importing = _import_in_background(chosen.quant is not None or chosen.text_encoder == "int8", chosen.compile)
     if transformer is None:
         transformer = loader.load_transformer(root / "transformer", home, dtype)
         if chosen.quant and keep_originals and keep_originals != "pinned":  # read from the file, not copied
             source = loader.CheckpointWeights(root / "transformer", transformer.cfg, dtype)
     laps("read_transformer")
-    importing.join()
+    for thread in importing:
+        thread.join()
     laps("wait_for_imports")
     import diffusers
     from diffusers import AutoencoderKLCogVideoX
@@ -377,20 +378,36 @@ class _Laps:
         self.times[name], self.t = now - self.t, now
 
 
-def _import_in_background(torchao: bool) -> threading.Thread:
-    """Import diffusers, transformers (and torchao) in a thread while the caller reads the transformer's weights:
-    the imports take ~15 s of a 5B start on the H200 and mostly run Python, the read mostly waits on memory
-    copies without holding the GIL. An import that fails here fails again, with its error, in the caller."""
-    def run():
-        with contextlib.suppress(Exception):
-            import diffusers  # noqa: F401
-            from diffusers import AutoencoderKLCogVideoX  # noqa: F401
-            from transformers import AutoTokenizer, T5EncoderModel  # noqa: F401
-            if torchao:
-                import torchao.quantization  # noqa: F401
-    thread = threading.Thread(target=run, name="cogrt-imports", daemon=True)
-    thread.start()
-    return thread
+def _import_in_background(torchao: bool, dynamo: bool) -> list[threading.Thread]:
+    """Import diffusers, transformers, torchao and Dynamo, each in its own thread, while the caller reads the
+    checkpoint. They are most of a warm 5B start's seconds (H200: ~8 s, and 3.7 s for Dynamo), and run partly
+    outside the GIL (reading and loading files), so that apart they take less than one after the other; the
+    read waits on memory copies. An import that fails here fails again, with its error, in the caller."""
+    def quietly(imports):
+        def run():
+            with contextlib.suppress(Exception):
+                imports()
+        return run
+
+    def vae():
+        from diffusers import AutoencoderKLCogVideoX  # noqa: F401
+
+    def text():
+        from transformers import AutoTokenizer, T5EncoderModel  # noqa: F401
+
+    def quant():
+        import torchao.quantization  # noqa: F401
+
+    def compiler():
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.compile_fx  # noqa: F401
+
+    jobs = [vae, text] + [quant] * torchao + [compiler] * dynamo
+    threads = [threading.Thread(target=quietly(job), name=f"cogrt-import-{job.__name__}", daemon=True)
+               for job in jobs]
+    for t in threads:
+        t.start()
+    return threads
 
 
 def assemble(transformer, vae, text_encoder, tokenizer, scheduler_config: dict, device, dtype, mode: str = "exact",

@@ -24,9 +24,16 @@ from . import quant
 from .lora import LoraState, host_copy
 from .modes import Transforms
 
-# FailOnRecompileLimitHit is not a TorchDynamoException (torch 2.11), and fullgraph=True raises it
-COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException,
-                  *[e for e in (getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None),) if e is not None])
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """What a failed compile raises. A function, so that importing the engine does not import Dynamo (3.7 s on
+    the H200's host): load_pipeline imports it in a thread beside the checkpoint's read. FailOnRecompileLimitHit
+    is not a TorchDynamoException (torch 2.11), and fullgraph=True raises it."""
+    import torch._dynamo
+    exc = torch._dynamo.exc
+    return (exc.TorchDynamoException, *[e for e in (getattr(exc, "FailOnRecompileLimitHit", None),) if e is not None])
+
 # Every block of every compiled pipeline in the process runs the same code object, so each (shape, dtype,
 # transforms) a process serves is one entry in Dynamo's cache for it. The default limit of 8 is reached by a
 # replica that serves a few sizes in two modes; past it, fullgraph=True makes the call fail.
@@ -121,6 +128,7 @@ class Runner:
     # ------------------------------------------------------------------------------------------------
     def compile(self) -> None:
         use_compile_cache(self.cache_dir)
+        import torch._dynamo
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
@@ -149,7 +157,7 @@ class Runner:
         """fn(*args, **kw), and once more eagerly if compiling fails inside it."""
         try:
             return fn(*args, **kw)
-        except COMPILE_ERRORS as e:
+        except compile_errors() as e:
             if not self.compiled:
                 raise
             self.uncompile(e)
