@@ -73,6 +73,8 @@ def child(a) -> dict:
     t = time.time()
     transforms = modes.transforms_for(a.mode, dev, compile=a.compile)
     if a.model:
+        engine.pipeline.IMPORTS_BESIDE_READ = a.imports == "beside"
+        engine.pipeline.READ_SWITCH_INTERVAL = a.switch_interval or engine.pipeline.READ_SWITCH_INTERVAL
         pipe = engine.pipeline.load_pipeline(a.model, dev, dtype, mode=a.mode, cache_dir=a.cache_dir,
                                              compile=a.compile)
         t5 = pipe.text_encoder.config
@@ -102,6 +104,8 @@ def child(a) -> dict:
     return dict(environment(dev), preset=a.model or a.preset, mode=a.mode, transforms=pipe.transforms.describe(),
                 frames=f, height=h, width=w, weights=weights, stages=marks, imports=imports,
                 load=pipe.load_timings, compile_counters=caches,
+                imports_beside_read=engine.pipeline.IMPORTS_BESIDE_READ,
+                read_switch_interval=engine.pipeline.READ_SWITCH_INTERVAL,
                 compiled=pipe.runner.compiled,
                 total_to_first_step=end - marks["decode"] - start, total_to_first_video=end - start)
 
@@ -109,9 +113,9 @@ def child(a) -> dict:
 def child_argv(a) -> list[str]:
     out = ["--preset", a.preset, "--mode", a.mode, "--device", a.device, "--seed", str(a.seed),
            "--cache-dir", a.cache_dir]
-    for name in ("frames", "height", "width", "model"):
+    for name in ("frames", "height", "width", "model", "imports", "switch_interval"):
         if getattr(a, name):
-            out += [f"--{name}", str(getattr(a, name))]
+            out += [f"--{name.replace('_', '-')}", str(getattr(a, name))]
     for name in ("compile", "real_vae_t5"):
         if getattr(a, name) is not None:
             out.append(f"--{'' if getattr(a, name) else 'no-'}{name.replace('_', '-')}")
@@ -143,6 +147,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: the mode's (on for CUDA)")
     ap.add_argument("--real-vae-t5", action=argparse.BooleanOptionalAction, help="default: the tiny ones")
     ap.add_argument("--model", help="a checkpoint directory: time its load instead of building random weights")
+    ap.add_argument("--imports", choices=["beside", "after"], help="--model: import the libraries in a thread "
+                    "beside the read (default) or after it (engine.pipeline.IMPORTS_BESIDE_READ)")
+    ap.add_argument("--switch-interval", type=float, help="--model, beside: the interpreter's thread switch "
+                    "interval during the read (default engine.pipeline.READ_SWITCH_INTERVAL)")
     ap.add_argument("--cache-dir", help="an empty directory for the compile cache (default: a fresh one)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed to each child")
     ap.add_argument("--json")

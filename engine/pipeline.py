@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import threading
 import time
 import warnings
@@ -24,6 +25,10 @@ from .request import GenerationRequest, GenerationResult
 from .runner import Runner, compile_errors
 
 # The untiled decode of 49 x 480 x 720 peaked at 15.4 GB in bf16 on the H100 (ANCHORS.md); scale from there.
+# load_pipeline: import the libraries in a thread while the transformer is read (else after the read), with the
+# interpreter switching threads every READ_SWITCH_INTERVAL seconds meanwhile (Python's default: 5 ms)
+IMPORTS_BESIDE_READ = True
+READ_SWITCH_INTERVAL = 1e-4
 _DECODE_BYTES_PER_PIXEL_FRAME = 15.4e9 / (49 * 480 * 720) / 2
 
 
@@ -331,15 +336,25 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     home = torch.device("cpu") if offload else device
     source = None
     laps = _Laps(device)
-    importing = _import_in_background(chosen.quant is not None or chosen.text_encoder == "int8", chosen.compile)
-    if transformer is None:
-        transformer = loader.load_transformer(root / "transformer", home, dtype)
-        if chosen.quant and keep_originals and keep_originals != "pinned":  # read from the file, not copied
-            source = loader.CheckpointWeights(root / "transformer", transformer.cfg, dtype)
+    needs = dict(torchao=chosen.quant is not None or chosen.text_encoder == "int8", dynamo=chosen.compile)
+    beside = IMPORTS_BESIDE_READ and transformer is None
+    importing = _import_in_background(**needs) if beside else None
+    interval = sys.getswitchinterval()
+    try:
+        if beside:  # the readers need the GIL only briefly, but without this they wait 5 ms for each turn
+            sys.setswitchinterval(READ_SWITCH_INTERVAL)
+        if transformer is None:
+            transformer = loader.load_transformer(root / "transformer", home, dtype)
+            if chosen.quant and keep_originals and keep_originals != "pinned":  # read from the file, not copied
+                source = loader.CheckpointWeights(root / "transformer", transformer.cfg, dtype)
+    finally:
+        sys.setswitchinterval(interval)
     laps("read_transformer")
-    for thread in importing:
-        thread.join()
-    laps("wait_for_imports")
+    if importing is None:
+        _imports(**needs)
+    else:
+        importing.join()
+    laps("imports")
     import diffusers
     from diffusers import AutoencoderKLCogVideoX
     from transformers import AutoTokenizer
@@ -378,36 +393,27 @@ class _Laps:
         self.times[name], self.t = now - self.t, now
 
 
-def _import_in_background(torchao: bool, dynamo: bool) -> list[threading.Thread]:
-    """Import diffusers, transformers, torchao and Dynamo, each in its own thread, while the caller reads the
-    checkpoint. They are most of a warm 5B start's seconds (H200: ~8 s, and 3.7 s for Dynamo), and run partly
-    outside the GIL (reading and loading files), so that apart they take less than one after the other; the
-    read waits on memory copies. An import that fails here fails again, with its error, in the caller."""
-    def quietly(imports):
-        def run():
-            with contextlib.suppress(Exception):
-                imports()
-        return run
-
-    def vae():
-        from diffusers import AutoencoderKLCogVideoX  # noqa: F401
-
-    def text():
-        from transformers import AutoTokenizer, T5EncoderModel  # noqa: F401
-
-    def quant():
+def _imports(torchao: bool, dynamo: bool) -> None:
+    """What a load needs from diffusers, transformers, torchao and Dynamo: most of a warm 5B start's seconds
+    (H200: 8-12 s), and all of it Python, holding the GIL."""
+    from diffusers import AutoencoderKLCogVideoX  # noqa: F401
+    from transformers import AutoTokenizer, T5EncoderModel  # noqa: F401
+    if torchao:
         import torchao.quantization  # noqa: F401
-
-    def compiler():
+    if dynamo:
         import torch._dynamo  # noqa: F401
         import torch._inductor.compile_fx  # noqa: F401
 
-    jobs = [vae, text] + [quant] * torchao + [compiler] * dynamo
-    threads = [threading.Thread(target=quietly(job), name=f"cogrt-import-{job.__name__}", daemon=True)
-               for job in jobs]
-    for t in threads:
-        t.start()
-    return threads
+
+def _import_in_background(torchao: bool, dynamo: bool) -> threading.Thread:
+    """_imports in a thread, while the caller reads the transformer. An import that fails here fails again, with
+    its error, in the caller. (Four threads, one a library, were no faster on the H200: the imports hold the GIL.)"""
+    def run():
+        with contextlib.suppress(Exception):
+            _imports(torchao, dynamo)
+    thread = threading.Thread(target=run, name="cogrt-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def assemble(transformer, vae, text_encoder, tokenizer, scheduler_config: dict, device, dtype, mode: str = "exact",
