@@ -8,6 +8,9 @@ and seeds as bench/quality.py, every pipeline eager. Needs an fp8 GPU.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +35,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=8, help="held-out prompts")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--variants", default=";".join(VARIANTS), help="names from VARIANTS, separated by ';'")
+    ap.add_argument("--json", help="write each variant's mean and per-prompt PSNR here")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
     prompts = [caption(s) for s in sample_scenes(a.n, 7, "heldout")]
     kw = dict(num_frames=49, guidance_scale=6.0, num_inference_steps=a.steps)
@@ -42,12 +47,19 @@ def main(argv=None) -> dict:
             pipe = load_pipeline(a.model, compile=False, **transforms)
         return [pipe.generate(p, seed=i, **kw).frames for i, p in enumerate(prompts)]
 
-    ref, out = videos({}, {}), {}
+    ref, out, per_prompt = videos({}, {}), {}, {}
     for name in a.variants.split(";"):
         x = videos(*VARIANTS[name])
-        out[name] = float(np.mean([psnr(r, v) for r, v in zip(ref, x)]))
+        per_prompt[name] = [psnr(r, v) for r, v in zip(ref, x)]
+        out[name] = float(np.mean(per_prompt[name]))
         print(f"{name:34s} PSNR {out[name]:.1f} dB against exact (per prompt: "
-              f"{' '.join(f'{psnr(r, v):.1f}' for r, v in zip(ref, x))})", flush=True)
+              f"{' '.join(f'{p:.1f}' for p in per_prompt[name])})", flush=True)
+    if a.json:
+        from bench.components import environment
+        import torch
+        meta = dict(environment(torch.device("cuda")), n=a.n, steps=a.steps, psnr_mean=out,
+                    psnr_per_prompt=per_prompt, command="python -m bench.fp8_ablation " + " ".join(argv or []))
+        Path(a.json).write_text(json.dumps(meta, indent=2))
     return out
 
 
