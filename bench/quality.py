@@ -128,7 +128,7 @@ def plot(rows: list[dict], path, target: float = TARGET_DB) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(MODEL))
-    ap.add_argument("--n", type=int, default=8, help="held-out prompts")
+    ap.add_argument("--n", type=int, default=32, help="held-out prompts (8 leave ~1.3 dB of standard error in PSNR)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--frames", type=int, default=49, help="the tiny model's length by default")
     ap.add_argument("--guidance", type=float, default=6.0)
