@@ -101,10 +101,11 @@ def read_safetensors(files: list[Path], device: str | torch.device = "cpu", chun
                      workers: int = WORKERS) -> dict[str, torch.Tensor]:
     """Every tensor of `files`, in its stored dtype, on `device`.
 
-    safetensors' own loader copies tensor by tensor from a memory map, one thread, pageable: 1.5 GB/s into an
-    H200, 7.5 s of a 5B start. Here the library checks each file (header, offsets, size), and then `workers`
-    threads read the data in `chunk`-byte pieces (the syscall releases the GIL) into their own pinned buffers
-    and copy each piece to the tensors it overlaps on their own CUDA streams, while the next piece is read."""
+    safetensors' own loader copies tensor by tensor from a memory map, in one thread, through pageable memory:
+    5.7 GB/s into an H200 from the page cache, and 1.5 GB/s (7.5 s for 5B) in a start, where imports in another
+    thread hold the GIL. Here the library checks each file (header, offsets, size). Then `workers` threads read
+    the data in `chunk`-byte pieces (the syscall releases the GIL) into their own pinned buffers. Each copies a
+    piece to the tensors it overlaps, on its own CUDA stream, while it reads the next piece. 4 readers: 16 GB/s."""
     import concurrent.futures
     check_safetensors(files)
     device = torch.device(device)

@@ -24,11 +24,13 @@ from .model import CogVideoXTransformer, ModelConfig
 from .request import GenerationRequest, GenerationResult
 from .runner import Runner, compile_errors
 
-# The untiled decode of 49 x 480 x 720 peaked at 15.4 GB in bf16 on the H100 (ANCHORS.md); scale from there.
 # load_pipeline: import the libraries in a thread while the transformer is read (else after the read), with the
-# interpreter switching threads every READ_SWITCH_INTERVAL seconds meanwhile (Python's default: 5 ms)
+# interpreter switching threads every READ_SWITCH_INTERVAL seconds meanwhile (Python's default: 5 ms; the switch
+# is process-wide, for the read's second or so). Warm 5B start on the H200: 19.6 s, against 27.9 s after the
+# read and 23.7 s at 5 ms (bench/RESULTS.md).
 IMPORTS_BESIDE_READ = True
 READ_SWITCH_INTERVAL = 1e-4
+# The untiled decode of 49 x 480 x 720 peaked at 15.4 GB in bf16 on the H100 (ANCHORS.md); scale from there.
 _DECODE_BYTES_PER_PIXEL_FRAME = 15.4e9 / (49 * 480 * 720) / 2
 
 
