@@ -45,12 +45,14 @@ def test_read_safetensors_names_a_truncated_file(tmp_path):
         loader.read_safetensors([f])
 
 
-def tiny_t5(tmp_path, tie_name="shared.weight"):
+def tiny_t5(tmp_path, tie_name="shared.weight", shard=None):
+    """A random 2-layer T5 encoder saved by transformers (in `shard`-sized files, as the released T5-XXL is), and
+    transformers' own load of it."""
     from transformers import T5Config, T5EncoderModel
     torch.manual_seed(0)
     model = T5EncoderModel(T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                                     feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False))
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
     if tie_name != "shared.weight":  # some exports keep the embedding under the encoder's name
         f = tmp_path / "model.safetensors"
         sd = load_file(f)
@@ -67,6 +69,15 @@ def test_text_encoder_matches_from_pretrained(tmp_path, tie_name):
     with torch.no_grad():
         assert torch.equal(ours(ids)[0], ref(ids)[0])
     assert ours.encoder.embed_tokens.weight is ours.shared.weight
+
+
+def test_sharded_text_encoder_matches_from_pretrained(tmp_path):
+    ref = tiny_t5(tmp_path, shard="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    ours = loader.load_text_encoder(tmp_path, "cpu", torch.float32)
+    ids = torch.randint(0, 99, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(ours(ids)[0], ref(ids)[0])
 
 
 def test_text_encoder_keeps_t5s_fp32_layers_in_fp16(tmp_path):
