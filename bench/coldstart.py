@@ -77,9 +77,11 @@ def child(a) -> dict:
         engine.pipeline.READ_SWITCH_INTERVAL = a.switch_interval or engine.pipeline.READ_SWITCH_INTERVAL
         pipe = engine.pipeline.load_pipeline(a.model, dev, dtype, mode=a.mode, cache_dir=a.cache_dir,
                                              compile=a.compile)
+        from engine.random_model import T5_XXL
         t5 = pipe.text_encoder.config
+        xxl = all(getattr(t5, k) == T5_XXL[k] for k in ("num_layers", "d_model", "d_ff", "num_heads"))
         cfg, weights = pipe.cfg, (f"the checkpoint in {a.model} (its T5: {t5.num_layers} layers of width "
-                                  f"{t5.d_model}{', T5-XXL' if t5.num_layers == 24 and t5.d_model == 4096 else ''})")
+                                  f"{t5.d_model}{', T5-XXL' if xxl else ''})")
     else:
         cfg = PRESETS[a.preset]
         c = random_components(a.preset, dev, dtype, a.seed, a.real_vae_t5 or False)

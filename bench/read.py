@@ -46,8 +46,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     dev = torch.device("cuda")
     folder = Path(a.folder)
-    files = loader.weight_files(folder, "model" if (folder / "model.safetensors.index.json").exists()
-                                or (folder / "model.safetensors").exists() else "diffusion_pytorch_model")
+    files = loader.weight_files(folder)  # any component: without its stem's files it takes every *.safetensors
     rows = {"safetensors (library)": lambda: library(files, dev)}
     for c in a.configs.split(","):
         w, mib = (int(x) for x in c.split("x"))

@@ -109,9 +109,10 @@ def read_safetensors(files: list[Path], device: str | torch.device = "cpu", chun
     import concurrent.futures
     check_safetensors(files)
     device = torch.device(device)
-    out, jobs = {}, []
+    out = {}
     for f in files:
         begin, entries = _layout(f)
+        jobs = []  # (first byte, end byte, the tensor's bytes) of this file's tensors
         for name, (dtype, shape, a, b) in entries.items():
             out[name] = torch.empty(shape, dtype=dtype, device=device)
             if b > a:
@@ -120,7 +121,6 @@ def read_safetensors(files: list[Path], device: str | torch.device = "cpu", chun
         with concurrent.futures.ThreadPoolExecutor(len(spans) or 1) as pool:
             for done in [pool.submit(_read_span, f, span, device, chunk) for span in spans]:
                 done.result()
-        jobs = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out
@@ -347,7 +347,7 @@ def load_text_encoder(folder: str | os.PathLike, device=None, dtype: torch.dtype
     model.load_state_dict(sd, strict=False, assign=True)
     model.encoder.embed_tokens = model.shared  # one module in older transformers; tied after loading in newer
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left or model.encoder.embed_tokens.weight is not model.shared.weight:
+    if left:
         raise CheckpointError(f"{folder}: T5 tensors left unloaded: {left[:5]}")
     return model.eval().requires_grad_(False)
 

@@ -371,7 +371,7 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
         raise loader.CheckpointError(f"could not load a component of {root}: {e}") from e
     laps("vae_and_text_encoder")
     coefficients = root / "teacache_coefficients.json"
-    pipe = assemble(transformer, vae, text_encoder.to(home), tokenizer, sched_cfg, device, dtype, mode, chosen,
+    pipe = assemble(transformer, vae, text_encoder, tokenizer, sched_cfg, device, dtype, mode, chosen,
                     offload=offload, cache_dir=cache_dir, keep_originals=keep_originals, originals_source=source,
                     coefficients=coefficients if coefficients.is_file() else None)
     laps("transforms")

@@ -138,17 +138,18 @@ class TeaCacheState:
             raise ValueError(f"{len(distances)} distances for {self.num_steps} steps")
         computed, acc = {0, self.num_steps - 1}, 0.0
         for step in range(1, self.num_steps - 1):
-            acc += self._rescaled(distances[step - 1])
-            if acc >= self.threshold:
+            compute, acc = self._accumulate(acc, distances[step - 1])
+            if compute:
                 computed.add(step)
-                acc = 0.0
         self.schedule = frozenset(computed)
 
-    def _rescaled(self, distance: float) -> float:
-        """The polynomial's estimate of the output's change. A relative distance is never negative, but the
-        published quartics dip below zero near d = 0; clamped, threshold 0 computes every step and a larger
-        threshold never computes more."""
-        return max(0.0, float(np.polyval(self.coefficients, distance)))
+    def _accumulate(self, acc: float, distance: float) -> tuple[bool, float]:
+        """TeaCache's rule at a middle step: add the polynomial's estimate of the output's change to `acc`;
+        compute once the sum reaches the threshold, and start again from 0. -> (compute, the new sum).
+        A relative distance is never negative, but the published quartics dip below zero near d = 0; clamped,
+        threshold 0 computes every step and a larger threshold never computes more."""
+        acc += max(0.0, float(np.polyval(self.coefficients, distance)))
+        return (True, 0.0) if acc >= self.threshold else (False, acc)
 
     def decide(self, step: int, emb: torch.Tensor) -> bool:
         """True: run the blocks at this step. Steps must come in order, each once."""
@@ -168,8 +169,7 @@ class TeaCacheState:
         elif step == 0 or step == self.num_steps - 1:
             compute = True
         else:
-            self.accumulated += self._rescaled(self.distance)
-            compute = self.accumulated >= self.threshold
+            compute, self.accumulated = self._accumulate(self.accumulated, self.distance)
         if compute:
             self.accumulated = 0.0
         (self.computed if compute else self.skipped).append(step)
