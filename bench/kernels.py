@@ -96,17 +96,19 @@ SWEEP = {  # around the best of a first, wider sweep (bench/RESULTS.md)
     "triton": [(64, 128, 4, 2), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 4, 3), (128, 128, 8, 2)],
     "triton-fp8": [(64, 128, 4, 2), (128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 2)],
 }
+# split variants: each half of BLOCK_M should fill a 64-row tensor-core instruction per warpgroup
+SWEEP_SPLIT = [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 4, 3), (256, 64, 8, 2)]
 
 
-VARIANTS = {  # name -> the kernel module's switches (FAST_EXP, WARP_SPECIALIZE, POLY_EXP, MAGIC_I2F)
-    "default": (False, False, 0, True),
-    "I2F": (False, False, 0, False),  # the int8 scores converted by I2F (fp8 kernel only)
-    "packed exp": (True, False, 0, True),
-    "warp-specialized": (False, True, 0, True),
-    "poly exp 1/2": (False, False, 2, True),
-    "poly exp 1/3": (False, False, 3, True),
-    "poly exp 1/4": (False, False, 4, True),
+VARIANTS = {  # name -> the kernel module's switches (FAST_EXP, WARP_SPECIALIZE, SPLIT, MAGIC_I2F)
+    "default": (False, False, 1, False),
+    "mantissa trick": (False, False, 1, True),  # the int8 scores converted on the FMA pipe (fp8 kernel only)
+    "packed exp": (True, False, 1, False),
+    "warp-specialized": (False, True, 1, False),
+    "split": (False, False, 2, False),  # two query halves that share the key loads
+    "split + packed exp": (True, False, 2, False),
 }
+FP8_ONLY = ("mantissa trick",)
 
 
 def sweep_rows(variants=None):
@@ -116,13 +118,13 @@ def sweep_rows(variants=None):
     q, k, v = realistic_qkv(B, H, N, d, seed=1, device="cuda", dtype=torch.bfloat16)
     flops = 4 * B * H * N * N * d
     rows = []
-    defaults = fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.POLY_EXP, fa.MAGIC_I2F
+    defaults = fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.SPLIT, fa.MAGIC_I2F
     for kernel, configs in SWEEP.items():
         for label in variants or VARIANTS:
-            if label == "I2F" and kernel != "triton-fp8":
+            if label in FP8_ONLY and kernel != "triton-fp8":
                 continue
-            fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.POLY_EXP, fa.MAGIC_I2F = VARIANTS[label]
-            for cfg in configs:
+            fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.SPLIT, fa.MAGIC_I2F = VARIANTS[label]
+            for cfg in SWEEP_SPLIT if VARIANTS[label][2] == 2 else configs:
                 fn = (lambda c=cfg: fa._sage(q, k, v, "int8", c)) if kernel == "triton-fp8" else \
                     (lambda c=cfg: fa._flash(q, k, v, c))
                 try:
@@ -134,7 +136,7 @@ def sweep_rows(variants=None):
                 name = kernel + ("" if label == "default" else f" ({label})")
                 rows.append(dict(kernel=name, config=cfg, ms=ms, tflops=flops / ms / 1e9, rel_err=err))
                 print(f"sweep {name:32s} {cfg} {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s err {err:.2e}", flush=True)
-    fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.POLY_EXP, fa.MAGIC_I2F = defaults
+    fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.SPLIT, fa.MAGIC_I2F = defaults
     return rows
 
 

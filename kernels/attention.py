@@ -48,12 +48,12 @@ _INTERPRET_CONFIG = (32, 32, 4, 1)
 # saves. Off by default; bench/kernels.py --sweep measures both.
 FAST_EXP = False
 WARP_SPECIALIZE = False  # Triton's warp-specialized loop; bench/kernels.py --sweep measures both
-# Every POLY_EXP-th key tile takes its exponentials from a polynomial on the FMA pipe instead of the MUFU unit
-# (0: never), as FlashAttention-4 does: at d = 64 the MUFU's 16 a clock per SM, not the tensor cores, bound
-# the kernel, so sharing the work out should let the two pipes run side by side. Measured on the H200 (triton
-# 3.6), it is slower at every tile configuration and ratio (bf16 17.3 -> 20.2 ms at best, fp8 15.8 -> 21.9 ms):
-# the unrolled pair of tiles breaks Triton's software pipelining. Off; bench/kernels.py --sweep measures it.
-POLY_EXP = 0
+# The polynomial exponential of FlashAttention-4 (every 2nd-4th key tile's exponentials on the FMA pipe) was
+# measured slower at every ratio on the H200 and removed (commit 0e87755 has it; bench/RESULTS.md the numbers).
+# SPLIT = 2 gives each program two halves of its query tile that share every key and value load. The two
+# halves' matmuls and softmaxes are independent, so the scheduler can run one half's exponentials while the
+# other's asynchronous matmul is on the tensor cores: FlashAttention-3's overlap, within one warpgroup.
+SPLIT = 1
 # int8 Q·Kᵀ gives int32 scores, converted by I2F at the same 16 a clock per SM as the exponential. MAGIC_I2F
 # converts on the FMA pipe instead (an integer add into a float's mantissa, then a float subtract). Also
 # measured slower on the H200 (15.8 -> 20.2 ms at the default tiles), so off.
@@ -88,36 +88,28 @@ def _exp2(x, P_DTYPE: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _exp2_poly(x):
-    """2^x in fp32 from FMA-pipe instructions: 2^round(x) goes straight into the exponent bits, and 2^f for the
-    rest f in [-0.5, 0.5] is a cubic (relative error 8e-5, under bf16's 2e-3 rounding). round(x) comes from
-    adding 1.5·2^23, which leaves it in the low mantissa bits. Below 2^-126 the result stays at 2^-126, which
-    is nothing beside a row's largest term (1)."""
-    x = tl.maximum(x, -126.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = 0.99992895 + f * (0.69327623 + f * (0.24260405 + f * 0.05508868))
-    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
+def _load_kv(desc_k, desc_v, b, h, start, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
+    """One BLOCK_N-wide tile of keys and values. In LOWP, V is stored transposed (B, H, d, N_pad): fp8 tensor
+    cores want both operands K-major on Hopper."""
+    k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    if LOWP:
+        v = desc_v.load([b, h, 0, start]).reshape(HEAD_DIM, BLOCK_N)
+    else:
+        v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    return k, v
 
 
 @triton.jit
-def _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, start, qk_scale, ks_ptr,
-          N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
-          MASKED: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr, EXACT: tl.constexpr,
-          PREC: tl.constexpr, POLY: tl.constexpr, MAGIC: tl.constexpr):
-    """One BLOCK_N-wide tile of keys and values folded into the running softmax (log2 domain)."""
-    k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+def _update(acc, l_i, m_i, q, k, v, start, scale, N: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
+            MASKED: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr, EXACT: tl.constexpr,
+            PREC: tl.constexpr, MAGIC: tl.constexpr):
+    """One key tile folded into the running softmax (log2 domain) of one tile of queries."""
     s = tl.dot(q, k.T, input_precision=PREC)  # int8 scores come out as int32
     if MAGIC and q.dtype == tl.int8:
         # |s| <= 128·127² < 2^22: added to the bits of 1.5·2^23, s lands in the mantissa exactly
         s = (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
     else:
         s = s.to(tl.float32)
-    if LOWP:
-        scale = qk_scale * tl.load(ks_ptr + start // BLOCK_N)  # this key tile's dequantization scale
-    else:
-        scale = qk_scale
     if MASKED:  # the last, partial tile: the rows past N read as zeros and must not count
         s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < N, s * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -127,59 +119,81 @@ def _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, start, qk_scale, ks_ptr,
         x = s * scale - m_new[:, None]  # one FMA per score
     if LOWP:  # P·448 straight out of the exponential: e4m3's whole range, and 448 cancels in acc / l
         x = x + 8.807354922057604  # log2(448)
-    if POLY:
-        p = _exp2_poly(x).to(P_DTYPE)
-    else:
-        p = _exp2(x, P_DTYPE, FAST)
+    p = _exp2(x, P_DTYPE, FAST)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
     acc = acc * alpha[:, None]
     if LOWP:
-        # V is stored transposed (B, H, d, N_pad): fp8 tensor cores want both operands K-major on Hopper
-        vt = desc_v.load([b, h, 0, start]).reshape(HEAD_DIM, BLOCK_N)
-        acc = tl.dot(_e4m3(p, EXACT), vt.T, acc)
+        acc = tl.dot(_e4m3(p, EXACT), v.T, acc)
     else:
-        v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, l_i, m_new
 
 
 @triton.jit
-def _attn_fwd_kernel(desc_q, desc_k, desc_v, desc_o, qs_ptr, ks_ptr, vs_ptr, vm_ptr, H, qk_scale,
-                     N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     LOWP: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr, EXACT: tl.constexpr,
-                     PREC: tl.constexpr, WS: tl.constexpr, POLY: tl.constexpr, MAGIC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q = desc_q.load([b, h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+def _key_tile(acc0, l0, m0, acc1, l1, m1, q0, q1, desc_k, desc_v, b, h, start, qk_scale, ks_ptr,
+              N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
+              MASKED: tl.constexpr, SPLIT: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr,
+              EXACT: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr):
+    """One key tile for the program's queries: one tile of them, or two halves (SPLIT) that share the loads."""
+    k, v = _load_kv(desc_k, desc_v, b, h, start, HEAD_DIM, BLOCK_N, LOWP)
+    scale = qk_scale
     if LOWP:
-        n_qt: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
-        n_kt: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-        qk_scale = qk_scale * tl.load(qs_ptr + bh * n_qt + pid_m)
-        ks_ptr = ks_ptr + bh * n_kt
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    FULL: tl.constexpr = N // BLOCK_N * BLOCK_N
-    GROUPS: tl.constexpr = FULL // (POLY * BLOCK_N) * (POLY * BLOCK_N) if POLY else 0
-    # groups of POLY tiles, the last of each with the polynomial exponential; then the rest one by one
-    for start in tl.range(0, GROUPS, POLY * BLOCK_N if POLY else BLOCK_N, warp_specialize=WS):
-        for j in tl.static_range(POLY):
-            acc, l_i, m_i = _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, start + j * BLOCK_N, qk_scale, ks_ptr,
-                                  N, HEAD_DIM, BLOCK_N, LOWP, False, P_DTYPE, FAST, EXACT, PREC, j == POLY - 1, MAGIC)
-    for start in tl.range(GROUPS, FULL, BLOCK_N, warp_specialize=WS):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, start, qk_scale, ks_ptr,
-                              N, HEAD_DIM, BLOCK_N, LOWP, False, P_DTYPE, FAST, EXACT, PREC, False, MAGIC)
-    if FULL < N:
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, desc_k, desc_v, b, h, FULL, qk_scale, ks_ptr,
-                              N, HEAD_DIM, BLOCK_N, LOWP, True, P_DTYPE, FAST, EXACT, PREC, False, MAGIC)
+        scale = qk_scale * tl.load(ks_ptr + start // BLOCK_N)  # this key tile's dequantization scale
+    acc0, l0, m0 = _update(acc0, l0, m0, q0, k, v, start, scale, N, BLOCK_N, LOWP, MASKED, P_DTYPE, FAST, EXACT,
+                           PREC, MAGIC)
+    if SPLIT == 2:
+        acc1, l1, m1 = _update(acc1, l1, m1, q1, k, v, start, scale, N, BLOCK_N, LOWP, MASKED, P_DTYPE, FAST,
+                               EXACT, PREC, MAGIC)
+    return acc0, l0, m0, acc1, l1, m1
+
+
+@triton.jit
+def _store(desc_o, acc, l_i, b, h, bh, row, vs_ptr, vm_ptr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+           LOWP: tl.constexpr):
     acc = acc / l_i[:, None]
     if LOWP:  # undo V's per-channel scales, then add back V's mean
         cols = bh * HEAD_DIM + tl.arange(0, HEAD_DIM)
         acc = acc * tl.load(vs_ptr + cols)[None, :] + tl.load(vm_ptr + cols)[None, :]
-    desc_o.store([b, h, pid_m * BLOCK_M, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
+    desc_o.store([b, h, row, 0], acc.to(desc_o.dtype).reshape(1, 1, ROWS, HEAD_DIM))
+
+
+@triton.jit
+def _attn_fwd_kernel(desc_q, desc_k, desc_v, desc_o, qs_ptr, ks_ptr, vs_ptr, vm_ptr, H, qk_scale,
+                     N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     LOWP: tl.constexpr, SPLIT: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr,
+                     EXACT: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr, MAGIC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    HALF: tl.constexpr = BLOCK_M // SPLIT
+    row = pid_m * BLOCK_M
+    q0 = desc_q.load([b, h, row, 0]).reshape(HALF, HEAD_DIM)
+    q1 = q0  # the second half's queries, with SPLIT; otherwise unused, and dropped by the compiler
+    if SPLIT == 2:
+        q1 = desc_q.load([b, h, row + HALF, 0]).reshape(HALF, HEAD_DIM)
+    if LOWP:  # both halves share the tile's quantization scale
+        n_qt: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+        n_kt: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+        qk_scale = qk_scale * tl.load(qs_ptr + bh * n_qt + pid_m)
+        ks_ptr = ks_ptr + bh * n_kt
+    m0 = tl.full((HALF,), float("-inf"), tl.float32)
+    l0 = tl.zeros((HALF,), tl.float32)
+    acc0 = tl.zeros((HALF, HEAD_DIM), tl.float32)
+    m1, l1, acc1 = m0, l0, acc0
+    FULL: tl.constexpr = N // BLOCK_N * BLOCK_N
+    for start in tl.range(0, FULL, BLOCK_N, warp_specialize=WS):
+        acc0, l0, m0, acc1, l1, m1 = _key_tile(acc0, l0, m0, acc1, l1, m1, q0, q1, desc_k, desc_v, b, h, start,
+                                               qk_scale, ks_ptr, N, HEAD_DIM, BLOCK_N, LOWP, False, SPLIT,
+                                               P_DTYPE, FAST, EXACT, PREC, MAGIC)
+    if FULL < N:
+        acc0, l0, m0, acc1, l1, m1 = _key_tile(acc0, l0, m0, acc1, l1, m1, q0, q1, desc_k, desc_v, b, h, FULL,
+                                               qk_scale, ks_ptr, N, HEAD_DIM, BLOCK_N, LOWP, True, SPLIT,
+                                               P_DTYPE, FAST, EXACT, PREC, MAGIC)
+    _store(desc_o, acc0, l0, b, h, bh, row, vs_ptr, vm_ptr, HEAD_DIM, HALF, LOWP)
+    if SPLIT == 2:
+        _store(desc_o, acc1, l1, b, h, bh, row + HALF, vs_ptr, vm_ptr, HEAD_DIM, HALF, LOWP)
 
 
 def _config(d: int, fp8: bool, config=None):
@@ -189,13 +203,14 @@ def _config(d: int, fp8: bool, config=None):
 
 
 def _exp_args(dtype: torch.dtype, lowp: bool) -> dict:
-    """P's dtype and the exponential's form: fp32 inputs (tests) and the interpreter keep everything in fp32."""
+    """The kernel's switches. P's dtype and the exponential's form: fp32 inputs (tests) and the interpreter keep
+    everything in fp32."""
     p_dtype = tl.float16 if lowp else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
     fast = FAST_EXP and not _INTERPRET and p_dtype != tl.float32
     # fp32 inputs (the tests) get true fp32 matmuls, not TF32
     return dict(P_DTYPE=p_dtype if fast else tl.float32, FAST=fast, EXACT=_INTERPRET,
                 PREC="ieee" if dtype == torch.float32 else "tf32", WS=WARP_SPECIALIZE and not _INTERPRET,
-                POLY=POLY_EXP if dtype != torch.float32 else 0, MAGIC=MAGIC_I2F)
+                SPLIT=SPLIT, MAGIC=MAGIC_I2F)
 
 
 def _desc(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
@@ -231,10 +246,11 @@ def _flash(q, k, v, config=None):
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     o = alloc.empty((B, H, N, d), q)
     bm, bn, warps, stages = _config(d, False, config)
+    args = _exp_args(q.dtype, False)
+    half = bm // args["SPLIT"]  # the rows of one query load and one store
     _attn_fwd_kernel[(triton.cdiv(N, bm), B * H)](
-        _desc(q, bm, d), _desc(k, bn, d), _desc(v, bn, d), _desc(o, bm, d), q, q, q, q, H, d ** -0.5 * _LOG2E,
-        N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=False, **_exp_args(q.dtype, False), num_warps=warps,
-        num_stages=stages)
+        _desc(q, half, d), _desc(k, bn, d), _desc(v, bn, d), _desc(o, half, d), q, q, q, q, H, d ** -0.5 * _LOG2E,
+        N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=False, **args, num_warps=warps, num_stages=stages)
     return o
 
 
@@ -329,10 +345,12 @@ def _sage(q, k, v, qk="int8", config=None):
     bm, bn, warps, stages = _config(d, True, config)
     q8, qs, k8, ks, vt8, vs, vm = quantize_qkv(q, k, v, bm, bn, qk)
     o = alloc.empty((B, H, N, d), q)
+    args = _exp_args(q.dtype, True)
+    half = bm // args["SPLIT"]
     _attn_fwd_kernel[(triton.cdiv(N, bm), B * H)](
-        _desc(q8, bm, d), _desc(k8, bn, d), _desc(vt8, d, bn), _desc(o, bm, d), qs, ks, vs, vm, H,
-        d ** -0.5 * _LOG2E, N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=True, **_exp_args(q.dtype, True),
-        num_warps=warps, num_stages=stages)
+        _desc(q8, half, d), _desc(k8, bn, d), _desc(vt8, d, bn), _desc(o, half, d), qs, ks, vs, vm, H,
+        d ** -0.5 * _LOG2E, N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=True, **args, num_warps=warps,
+        num_stages=stages)
     return o
 
 

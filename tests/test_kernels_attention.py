@@ -65,11 +65,11 @@ def test_sage_attention_matches_its_reference(qk, B, H, N, d):
     assert rel(out.cpu(), ref) < (2e-3 if qk == "int8" else 6e-3)
 
 
-@pytest.mark.parametrize("poly,magic", [(2, True), (3, False), (1, True)])
-def test_polynomial_exponential_and_integer_conversion(monkeypatch, poly, magic):
-    """Every `poly`-th key tile with the FMA-pipe exponential (1: all of them; 3 leaves tiles outside the groups),
-    and the int8 scores converted by the mantissa trick or by I2F: both kernels stay within their tolerances."""
-    monkeypatch.setattr(fa, "POLY_EXP", poly)
+@pytest.mark.parametrize("split,magic", [(2, True), (2, False), (1, True)])
+def test_split_query_tile_and_integer_conversion(monkeypatch, split, magic):
+    """The query tile as two halves that share the key loads, and the int8 scores converted by the mantissa
+    trick or by I2F: both kernels stay within their tolerances, the last partial tile included."""
+    monkeypatch.setattr(fa, "SPLIT", split)
     monkeypatch.setattr(fa, "MAGIC_I2F", magic)
     B, H, N, d = 1, 2, 226 + 70, 64  # 9 full interpreter tiles and a partial one
     q, k, v = qkv(B, H, N, d, torch.float16, seed=5)
