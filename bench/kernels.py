@@ -92,21 +92,20 @@ def attention_rows(shape_name, backends, qk_fp8: bool):
     return rows
 
 
-SWEEP = {  # around the best of a first, wider sweep (bench/RESULTS.md)
-    "triton": [(64, 128, 4, 2), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 4, 3), (128, 128, 8, 2)],
-    "triton-fp8": [(64, 128, 4, 2), (128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 2)],
+# (BLOCK_M, BLOCK_N, warps, stages, SPLIT) around the best of earlier, wider sweeps (bench/RESULTS.md). With
+# SPLIT = 2 each half of BLOCK_M should fill a 64-row tensor-core instruction per warpgroup.
+_SPLIT = [(128, 64, 4, 2, 2), (128, 64, 4, 3, 2), (128, 128, 4, 2, 2), (128, 128, 4, 3, 2)]
+SWEEP = {
+    "triton": [(64, 128, 4, 2, 1), (64, 128, 4, 3, 1), (128, 128, 4, 3, 1), (128, 128, 8, 2, 1)] + _SPLIT,
+    "triton-fp8": [(64, 128, 4, 2, 1), (128, 128, 4, 2, 1), (128, 128, 4, 3, 1), (128, 128, 8, 2, 1)] + _SPLIT,
 }
-# split variants: each half of BLOCK_M should fill a 64-row tensor-core instruction per warpgroup
-SWEEP_SPLIT = [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 4, 3), (256, 64, 8, 2)]
 
 
-VARIANTS = {  # name -> the kernel module's switches (FAST_EXP, WARP_SPECIALIZE, SPLIT, MAGIC_I2F)
-    "default": (False, False, 1, False),
-    "mantissa trick": (False, False, 1, True),  # the int8 scores converted on the FMA pipe (fp8 kernel only)
-    "packed exp": (True, False, 1, False),
-    "warp-specialized": (False, True, 1, False),
-    "split": (False, False, 2, False),  # two query halves that share the key loads
-    "split + packed exp": (True, False, 2, False),
+VARIANTS = {  # name -> the kernel module's switches (FAST_EXP, WARP_SPECIALIZE, MAGIC_I2F)
+    "default": (False, False, False),
+    "mantissa trick": (False, False, True),  # the int8 scores converted on the FMA pipe (fp8 kernel only)
+    "packed exp": (True, False, False),
+    "warp-specialized": (False, True, False),
 }
 FP8_ONLY = ("mantissa trick",)
 
@@ -118,13 +117,13 @@ def sweep_rows(variants=None):
     q, k, v = realistic_qkv(B, H, N, d, seed=1, device="cuda", dtype=torch.bfloat16)
     flops = 4 * B * H * N * N * d
     rows = []
-    defaults = fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.SPLIT, fa.MAGIC_I2F
+    defaults = fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.MAGIC_I2F
     for kernel, configs in SWEEP.items():
         for label in variants or VARIANTS:
             if label in FP8_ONLY and kernel != "triton-fp8":
                 continue
-            fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.SPLIT, fa.MAGIC_I2F = VARIANTS[label]
-            for cfg in SWEEP_SPLIT if VARIANTS[label][2] == 2 else configs:
+            fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.MAGIC_I2F = VARIANTS[label]
+            for cfg in configs:
                 fn = (lambda c=cfg: fa._sage(q, k, v, "int8", c)) if kernel == "triton-fp8" else \
                     (lambda c=cfg: fa._flash(q, k, v, c))
                 try:
@@ -136,7 +135,7 @@ def sweep_rows(variants=None):
                 name = kernel + ("" if label == "default" else f" ({label})")
                 rows.append(dict(kernel=name, config=cfg, ms=ms, tflops=flops / ms / 1e9, rel_err=err))
                 print(f"sweep {name:32s} {cfg} {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s err {err:.2e}", flush=True)
-    fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.SPLIT, fa.MAGIC_I2F = defaults
+    fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.MAGIC_I2F = defaults
     return rows
 
 
@@ -213,7 +212,7 @@ def markdown(meta, attn, sweep, fused) -> str:
             out.append(f"| {r['kernel']} | {r['ms']:.3f} | {r['gb_s']:.0f} | {r['frac_of_copy']:.0%} | "
                        f"{r['native_ms']:.3f} | {r['speedup_vs_native']:.1f}× |")
     if sweep:
-        out += ["", "| sweep at the 5B shape | (BLOCK_M, BLOCK_N, warps, stages) | ms | TFLOP/s | rel err vs fp32 |",
+        out += ["", "| sweep at the 5B shape | (BLOCK_M, BLOCK_N, warps, stages, split) | ms | TFLOP/s | rel err vs fp32 |",
                 "|---|---|---|---|---|"]
         for r in sorted(sweep, key=lambda r: (r["kernel"], r["ms"])):
             out.append(f"| {r['kernel']} | {r['config']} | {r['ms']:.2f} | {r['tflops']:.0f} | {r['rel_err']:.1e} |")

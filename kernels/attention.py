@@ -37,12 +37,16 @@ _LOG2E = 1.4426950408889634
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim, from the sweep in bench/kernels.py on the H100;
-# the interpreter gets small tiles so that CI stays quick
-CONFIGS = {64: (64, 128, 4, 2)}
-CONFIGS_FP8 = {64: (128, 128, 4, 3)}
-_DEFAULT_CONFIG = (64, 64, 4, 2)  # head dims not swept yet
-_INTERPRET_CONFIG = (32, 32, 4, 1)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT) by head dim, from the sweeps in bench/kernels.py (H100, then
+# H200); the interpreter gets small tiles so that CI stays quick. SPLIT = 2 gives each program two halves of
+# its query tile that share every key and value load. The halves' matmuls and softmaxes are independent, so
+# the scheduler can run one half's exponentials while the other's asynchronous matmul is on the tensor cores:
+# FlashAttention-3's overlap, within one warpgroup. It won for bf16 (17.04 -> 16.72 ms at the 5B shape on the
+# H200) and lost for fp8 (16.00 -> 16.56 ms).
+CONFIGS = {64: (128, 64, 4, 3, 2)}
+CONFIGS_FP8 = {64: (128, 128, 4, 3, 1)}
+_DEFAULT_CONFIG = (64, 64, 4, 2, 1)  # head dims not swept yet
+_INTERPRET_CONFIG = (32, 32, 4, 1, 2)  # the split path is the one most served
 # The packed 16-bit exponential (see _exp2) measured slower on the H100 (16.98 -> 17.48 ms bf16, 15.56 -> 17.35
 # ms fp8 at the 5B shape; bench/RESULTS.md): the conversions it needs cost more than the exponentials it
 # saves. Off by default; bench/kernels.py --sweep measures both.
@@ -50,10 +54,6 @@ FAST_EXP = False
 WARP_SPECIALIZE = False  # Triton's warp-specialized loop; bench/kernels.py --sweep measures both
 # The polynomial exponential of FlashAttention-4 (every 2nd-4th key tile's exponentials on the FMA pipe) was
 # measured slower at every ratio on the H200 and removed (commit 0e87755 has it; bench/RESULTS.md the numbers).
-# SPLIT = 2 gives each program two halves of its query tile that share every key and value load. The two
-# halves' matmuls and softmaxes are independent, so the scheduler can run one half's exponentials while the
-# other's asynchronous matmul is on the tensor cores: FlashAttention-3's overlap, within one warpgroup.
-SPLIT = 1
 # int8 Q·Kᵀ gives int32 scores, converted by I2F at the same 16 a clock per SM as the exponential. MAGIC_I2F
 # converts on the FMA pipe instead (an integer add into a float's mantissa, then a float subtract). Also
 # measured slower on the H200 (15.8 -> 20.2 ms at the default tiles), so off.
@@ -197,8 +197,9 @@ def _attn_fwd_kernel(desc_q, desc_k, desc_v, desc_o, qs_ptr, ks_ptr, vs_ptr, vm_
 
 
 def _config(d: int, fp8: bool, config=None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT); a given config may leave SPLIT out (1)."""
     if config is not None:
-        return config
+        return (*config, 1)[:5]
     return _INTERPRET_CONFIG if _INTERPRET else (CONFIGS_FP8 if fp8 else CONFIGS).get(d, _DEFAULT_CONFIG)
 
 
@@ -210,7 +211,7 @@ def _exp_args(dtype: torch.dtype, lowp: bool) -> dict:
     # fp32 inputs (the tests) get true fp32 matmuls, not TF32
     return dict(P_DTYPE=p_dtype if fast else tl.float32, FAST=fast, EXACT=_INTERPRET,
                 PREC="ieee" if dtype == torch.float32 else "tf32", WS=WARP_SPECIALIZE and not _INTERPRET,
-                SPLIT=SPLIT, MAGIC=MAGIC_I2F)
+                MAGIC=MAGIC_I2F)
 
 
 def _desc(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
@@ -245,12 +246,12 @@ def _flash(q, k, v, config=None):
     B, H, N, d = q.shape
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     o = alloc.empty((B, H, N, d), q)
-    bm, bn, warps, stages = _config(d, False, config)
-    args = _exp_args(q.dtype, False)
-    half = bm // args["SPLIT"]  # the rows of one query load and one store
+    bm, bn, warps, stages, split = _config(d, False, config)
+    half = bm // split  # the rows of one query load and one store
     _attn_fwd_kernel[(triton.cdiv(N, bm), B * H)](
         _desc(q, half, d), _desc(k, bn, d), _desc(v, bn, d), _desc(o, half, d), q, q, q, q, H, d ** -0.5 * _LOG2E,
-        N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=False, **args, num_warps=warps, num_stages=stages)
+        N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=False, SPLIT=split, **_exp_args(q.dtype, False),
+        num_warps=warps, num_stages=stages)
     return o
 
 
@@ -342,15 +343,14 @@ def _sage(q, k, v, qk="int8", config=None):
     if qk not in ("int8", "fp8"):
         raise ValueError(f"qk must be 'int8' or 'fp8', got {qk!r}")
     B, H, N, d = q.shape
-    bm, bn, warps, stages = _config(d, True, config)
+    bm, bn, warps, stages, split = _config(d, True, config)
     q8, qs, k8, ks, vt8, vs, vm = quantize_qkv(q, k, v, bm, bn, qk)
     o = alloc.empty((B, H, N, d), q)
-    args = _exp_args(q.dtype, True)
-    half = bm // args["SPLIT"]
+    half = bm // split
     _attn_fwd_kernel[(triton.cdiv(N, bm), B * H)](
         _desc(q8, half, d), _desc(k8, bn, d), _desc(vt8, d, bn), _desc(o, half, d), qs, ks, vs, vm, H,
-        d ** -0.5 * _LOG2E, N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=True, **args, num_warps=warps,
-        num_stages=stages)
+        d ** -0.5 * _LOG2E, N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=True, SPLIT=split,
+        **_exp_args(q.dtype, True), num_warps=warps, num_stages=stages)
     return o
 
 

@@ -57,7 +57,7 @@ def test_real_shape_bf16(heads):
 def test_sage_attention_matches_its_reference(qk, B, H, N, d):
     """The kernel does exactly what the PyTorch reference does (same rounding, same online softmax)."""
     q, k, v = (t.half().to(DEV) for t in realistic_qkv(B, H, N, d))
-    bm, bn, _, _ = fa._config(d, True)
+    bm, bn = fa._config(d, True)[:2]
     out = fa.sage_attention(q, k, v, qk)
     ref = fa.sage_attention_reference(q.cpu(), k.cpu(), v.cpu(), bm, bn, qk)
     assert out.shape == q.shape and out.dtype == torch.float16 and not out.isnan().any()
@@ -67,16 +67,16 @@ def test_sage_attention_matches_its_reference(qk, B, H, N, d):
 
 @pytest.mark.parametrize("split,magic", [(2, True), (2, False), (1, True)])
 def test_split_query_tile_and_integer_conversion(monkeypatch, split, magic):
-    """The query tile as two halves that share the key loads, and the int8 scores converted by the mantissa
-    trick or by I2F: both kernels stay within their tolerances, the last partial tile included."""
-    monkeypatch.setattr(fa, "SPLIT", split)
+    """The query tile whole or as two halves that share the key loads, and the int8 scores converted by the
+    mantissa trick or by I2F: both kernels stay within their tolerances, the last partial tile included."""
+    monkeypatch.setattr(fa, "_INTERPRET_CONFIG", (32, 32, 4, 1, split))
     monkeypatch.setattr(fa, "MAGIC_I2F", magic)
     B, H, N, d = 1, 2, 226 + 70, 64  # 9 full interpreter tiles and a partial one
     q, k, v = qkv(B, H, N, d, torch.float16, seed=5)
     ref = attention.attend(q.float(), k.float(), v.float(), "sdpa-math")
     torch.testing.assert_close(fa.flash_attention(q, k, v).float(), ref, rtol=2e-3, atol=2e-3)
     q, k, v = (t.half().to(DEV) for t in realistic_qkv(B, H, N, d))
-    bm, bn, _, _ = fa._config(d, True)
+    bm, bn = fa._config(d, True)[:2]
     ref = fa.sage_attention_reference(q.cpu(), k.cpu(), v.cpu(), bm, bn, "int8")
     assert rel(fa.sage_attention(q, k, v, "int8").cpu(), ref) < 2e-3
 
