@@ -41,9 +41,12 @@ FP8_MAX = 448.0  # largest finite e4m3 value
 # H200); the interpreter gets small tiles so that CI stays quick. SPLIT = 2 gives each program two halves of
 # its query tile that share every key and value load. The halves' matmuls and softmaxes are independent, so
 # the scheduler can run one half's exponentials while the other's asynchronous matmul is on the tensor cores:
-# FlashAttention-3's overlap, within one warpgroup. It won for bf16 (17.04 -> 16.72 ms at the 5B shape on the
-# H200) and lost for fp8 (16.00 -> 16.56 ms).
+# FlashAttention-3's overlap, within one warpgroup. For bf16 it wins at the 5B shape (17.2 against 17.3-19.5 ms on
+# the H200) but loses at 1.5's N = 45,106, where the whole (128, 128) tile is best (110-111 against 124-127 ms);
+# for fp8 it lost at 5B (16.00 -> 16.56 ms).
 CONFIGS = {64: (128, 64, 4, 3, 2)}
+CONFIGS_LONG = {64: (128, 128, 4, 3, 1)}  # bf16 at N >= LONG
+LONG = 32768
 CONFIGS_FP8 = {64: (128, 128, 4, 3, 1)}
 _DEFAULT_CONFIG = (64, 64, 4, 2, 1)  # head dims not swept yet
 _INTERPRET_CONFIG = (32, 32, 4, 1, 2)  # the split path is the one most served
@@ -196,11 +199,14 @@ def _attn_fwd_kernel(desc_q, desc_k, desc_v, desc_o, qs_ptr, ks_ptr, vs_ptr, vm_
         _store(desc_o, acc1, l1, b, h, bh, row + HALF, vs_ptr, vm_ptr, HEAD_DIM, HALF, LOWP)
 
 
-def _config(d: int, fp8: bool, config=None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT); a given config may leave SPLIT out (1)."""
+def _config(d: int, fp8: bool, config=None, n: int = 0):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT) for head dim d and sequence length n; a given config may
+    leave SPLIT out (1)."""
     if config is not None:
         return (*config, 1)[:5]
-    return _INTERPRET_CONFIG if _INTERPRET else (CONFIGS_FP8 if fp8 else CONFIGS).get(d, _DEFAULT_CONFIG)
+    if _INTERPRET:
+        return _INTERPRET_CONFIG
+    return (CONFIGS_FP8 if fp8 else CONFIGS_LONG if n >= LONG else CONFIGS).get(d, _DEFAULT_CONFIG)
 
 
 def _exp_args(dtype: torch.dtype, lowp: bool) -> dict:
@@ -246,7 +252,7 @@ def _flash(q, k, v, config=None):
     B, H, N, d = q.shape
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     o = alloc.empty((B, H, N, d), q)
-    bm, bn, warps, stages, split = _config(d, False, config)
+    bm, bn, warps, stages, split = _config(d, False, config, N)
     half = bm // split  # the rows of one query load and one store
     _attn_fwd_kernel[(triton.cdiv(N, bm), B * H)](
         _desc(q, half, d), _desc(k, bn, d), _desc(v, bn, d), _desc(o, half, d), q, q, q, q, H, d ** -0.5 * _LOG2E,
@@ -343,7 +349,7 @@ def _sage(q, k, v, qk="int8", config=None):
     if qk not in ("int8", "fp8"):
         raise ValueError(f"qk must be 'int8' or 'fp8', got {qk!r}")
     B, H, N, d = q.shape
-    bm, bn, warps, stages, split = _config(d, True, config)
+    bm, bn, warps, stages, split = _config(d, True, config, N)
     q8, qs, k8, ks, vt8, vs, vm = quantize_qkv(q, k, v, bm, bn, qk)
     o = alloc.empty((B, H, N, d), q)
     half = bm // split
