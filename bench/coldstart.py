@@ -73,8 +73,7 @@ def child(a) -> dict:
     t = time.time()
     transforms = modes.transforms_for(a.mode, dev, compile=a.compile)
     if a.model:
-        engine.pipeline.IMPORTS_BESIDE_READ = a.imports == "beside"
-        engine.pipeline.READ_SWITCH_INTERVAL = a.switch_interval or engine.pipeline.READ_SWITCH_INTERVAL
+        pipeline_settings(a.imports, a.switch_interval)
         pipe = engine.pipeline.load_pipeline(a.model, dev, dtype, mode=a.mode, cache_dir=a.cache_dir,
                                              compile=a.compile)
         from engine.random_model import T5_XXL
@@ -110,6 +109,15 @@ def child(a) -> dict:
                 read_switch_interval=engine.pipeline.READ_SWITCH_INTERVAL,
                 compiled=pipe.runner.compiled,
                 total_to_first_step=end - marks["decode"] - start, total_to_first_video=end - start)
+
+
+def pipeline_settings(imports: str | None, switch_interval: float | None) -> None:
+    """--imports and --switch-interval over engine.pipeline's defaults; unset, the defaults stay (a server's)."""
+    import engine.pipeline
+    if imports:
+        engine.pipeline.IMPORTS_BESIDE_READ = imports == "beside"
+    if switch_interval:
+        engine.pipeline.READ_SWITCH_INTERVAL = switch_interval
 
 
 def child_argv(a) -> list[str]:

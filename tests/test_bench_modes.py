@@ -102,6 +102,20 @@ def test_coldstart(tmp_path):
     assert "python -m bench.coldstart" in text and "| cold |" in text and "| warm |" in text
 
 
+def test_coldstart_keeps_the_pipeline_defaults_unless_told(monkeypatch):
+    """Without --imports the server's default (imports beside the read) is what gets timed."""
+    import engine.pipeline as p
+    from bench.coldstart import pipeline_settings
+    monkeypatch.setattr(p, "IMPORTS_BESIDE_READ", True)
+    monkeypatch.setattr(p, "READ_SWITCH_INTERVAL", 1e-4)
+    pipeline_settings(None, None)
+    assert p.IMPORTS_BESIDE_READ is True and p.READ_SWITCH_INTERVAL == 1e-4
+    pipeline_settings("after", 5e-3)
+    assert p.IMPORTS_BESIDE_READ is False and p.READ_SWITCH_INTERVAL == 5e-3
+    pipeline_settings("beside", None)
+    assert p.IMPORTS_BESIDE_READ is True
+
+
 def test_coldstart_refuses_a_used_cache(tmp_path):
     from bench.coldstart import main
     (tmp_path / "old").mkdir()
