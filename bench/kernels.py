@@ -43,6 +43,13 @@ def realistic_qkv(B, H, N, d, seed=0, outliers=4.0, k_offset=2.0, device="cpu", 
     return [t.to(dtype) for t in (q, k, v)]
 
 
+def quantize_rows(q):
+    """q -> int8 with one scale per row (B, H, N), as kernels.qk.qk_norm_rope_q8 writes it for the attention."""
+    qs = q.float().abs().amax(-1).clamp_min(1e-12) / 127
+    z = q.float() / qs[..., None]
+    return torch.trunc(z + torch.where(z >= 0, 0.5, -0.5)).to(torch.int8), qs  # half away from zero
+
+
 def sampled_error(out, q, k, v, rows: int = 256) -> float:
     """‖out − exact‖ / ‖exact‖ over a fixed sample of query rows, exact = fp32 math."""
     idx = torch.randperm(q.shape[2], generator=torch.Generator().manual_seed(0))[:rows].to(q.device)
@@ -75,6 +82,8 @@ def attention_rows(shape_name, backends, qk_fp8: bool):
     runs = [(name, (lambda n=name: attention.attend(q, k, v, n))) for name in backends]
     if qk_fp8:
         runs.append(("triton-fp8 (e4m3 Q·Kᵀ)", lambda: fa.sage_attention(q, k, v, "fp8")))
+        q8, qs = quantize_rows(q)  # done by the QK prologue when attention.FUSE_Q_QUANT is on
+        runs.append(("triton-fp8 (int8 q from the QK prologue)", lambda: fa.sage_attention_q8(q8, qs, k, v)))
     rows, base = [], None
     for name, fn in runs:
         try:

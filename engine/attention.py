@@ -63,6 +63,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
     return get_backend(backend)(q, k, v)
 
 
+# Backends that also take q already quantized to int8 by the fused QK prologue (kernels.qk.qk_norm_rope_q8), with
+# one scale per row: name -> fn(q8, q_scale, k, v). That saves the attention's own pass over q (about 0.1 ms a
+# block at 5B). Off until it is measured on the GPU: CI runs it under the Triton interpreter only.
+FUSE_Q_QUANT = False
+_Q8: dict[str, Callable] = {}
+
+
+def register_q8(name: str):
+    def deco(fn):
+        _Q8[name] = fn
+        return fn
+    return deco
+
+
+def q8_backend(name: str):
+    """The backend's prequantized-q form where it has one and FUSE_Q_QUANT is on, else None."""
+    if not FUSE_Q_QUANT:
+        return None
+    get_backend(name)  # imports the module that registers both forms
+    return _Q8.get(name)
+
+
 # cuDNN is the fastest SDPA kernel for CogVideoX's d=64 joint attention on Hopper (18.3 ms vs 24.0 ms for
 # flash at the 5B shape, ANCHORS.md); the others stay as fallbacks for other GPUs, dtypes and the CPU.
 _SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,

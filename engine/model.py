@@ -268,10 +268,15 @@ class Block(nn.Module):
         h = adaln.adaln_modulate(x, c, self.ln1.weight, self.ln1.bias, mod, self.ln1.eps)
         qkv = self.qkv(h)  # (B, N, 3D)
         cos, sin = rope if rope is not None else (None, None)
-        q, k = qk.qk_norm_rope(qkv, self.heads, n, self.norm_q.weight, self.norm_q.bias, self.norm_k.weight,
-                               self.norm_k.bias, cos, sin, self.norm_q.eps)
+        norms = (self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias, cos, sin, self.norm_q.eps)
         v = qkv.view(B, N, 3, self.heads, -1)[:, :, 2].transpose(1, 2)  # (B, H, N, d), a strided view
-        o = attention.attend(q, k, v, self.attn_backend)
+        attend_q8 = attention.q8_backend(self.attn_backend)
+        if attend_q8 is not None:  # the prologue quantizes q as it writes it
+            q8, q_scale, k = qk.qk_norm_rope_q8(qkv, self.heads, n, *norms)
+            o = attend_q8(q8, q_scale, k, v)
+        else:
+            q, k = qk.qk_norm_rope(qkv, self.heads, n, *norms)
+            o = attention.attend(q, k, v, self.attn_backend)
         a = self.out(o.transpose(1, 2).reshape(B, N, D))
         x, c = adaln.gated_residual(x, c, a, mod)
         mod = self.norm2(temb).contiguous()

@@ -12,7 +12,12 @@ head_dim a power of two up to 128, N not a multiple of the block size. Two preci
     quantized to e4m3 with one scale per channel. P comes out of the exponential scaled by 448 (e4m3's
     largest value), so that small probabilities keep their precision. P·V runs on the fp8 tensor cores.
 
-References: SDPA's math backend, and `sage_attention_reference`, the same rounding in PyTorch.
+- `sage_attention_q8(q8, q_scale, k, v)`: the same with q already int8, one scale per row, as the fused QK
+  prologue writes it (`kernels.qk.qk_norm_rope_q8`; the engine uses it when `attention.FUSE_Q_QUANT` is on).
+  A row's scale is constant along its scores, so the kernel's max-then-scale step is unchanged.
+
+References: SDPA's math backend, and `sage_attention_reference`, the same rounding in PyTorch (a q tile of one
+row is the per-row form).
 Forward-only: training keeps SDPA. Importing this module registers both backends in `engine.attention`.
 
 q, k, v go in through TMA tensor descriptors over their 4D (B, H, N, d) views, so strided views (v straight
@@ -104,22 +109,28 @@ def _load_kv(desc_k, desc_v, b, h, start, HEAD_DIM: tl.constexpr, BLOCK_N: tl.co
 
 @triton.jit
 def _update(acc, l_i, m_i, q, k, v, start, scale, N: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
-            MASKED: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr, EXACT: tl.constexpr,
-            PREC: tl.constexpr, MAGIC: tl.constexpr):
-    """One key tile folded into the running softmax (log2 domain) of one tile of queries."""
+            MASKED: tl.constexpr, ROW_SCALE: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr,
+            EXACT: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr):
+    """One key tile folded into the running softmax (log2 domain) of one tile of queries. `scale` is a scalar,
+    or one per query row (ROW_SCALE); either way it is positive and constant along a row, so the row's max of
+    s·scale is its max of s, times scale."""
     s = tl.dot(q, k.T, input_precision=PREC)  # int8 scores come out as int32
     if MAGIC and q.dtype == tl.int8:
         # |s| <= 128·127² < 2^22: added to the bits of 1.5·2^23, s lands in the mantissa exactly
         s = (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
     else:
         s = s.to(tl.float32)
+    if ROW_SCALE:
+        sc = scale[:, None]
+    else:
+        sc = scale
     if MASKED:  # the last, partial tile: the rows past N read as zeros and must not count
-        s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < N, s * scale, float("-inf"))
+        s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < N, s * sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         x = s - m_new[:, None]
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
-        x = s * scale - m_new[:, None]  # one FMA per score
+        x = s * sc - m_new[:, None]  # one FMA per score
     if LOWP:  # P·448 straight out of the exponential: e4m3's whole range, and 448 cancels in acc / l
         x = x + 8.807354922057604  # log2(448)
     p = _exp2(x, P_DTYPE, FAST)
@@ -134,20 +145,22 @@ def _update(acc, l_i, m_i, q, k, v, start, scale, N: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _key_tile(acc0, l0, m0, acc1, l1, m1, q0, q1, desc_k, desc_v, b, h, start, qk_scale, ks_ptr,
+def _key_tile(acc0, l0, m0, acc1, l1, m1, q0, q1, desc_k, desc_v, b, h, start, scale0, scale1, ks_ptr,
               N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
-              MASKED: tl.constexpr, SPLIT: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr,
-              EXACT: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr):
-    """One key tile for the program's queries: one tile of them, or two halves (SPLIT) that share the loads."""
+              MASKED: tl.constexpr, SPLIT: tl.constexpr, ROW_SCALE: tl.constexpr, P_DTYPE: tl.constexpr,
+              FAST: tl.constexpr, EXACT: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr):
+    """One key tile for the program's queries: one tile of them, or two halves (SPLIT) that share the loads.
+    scale0 and scale1 are the halves' score scales (the same scalar unless ROW_SCALE)."""
     k, v = _load_kv(desc_k, desc_v, b, h, start, HEAD_DIM, BLOCK_N, LOWP)
-    scale = qk_scale
     if LOWP:
-        scale = qk_scale * tl.load(ks_ptr + start // BLOCK_N)  # this key tile's dequantization scale
-    acc0, l0, m0 = _update(acc0, l0, m0, q0, k, v, start, scale, N, BLOCK_N, LOWP, MASKED, P_DTYPE, FAST, EXACT,
-                           PREC, MAGIC)
+        ks = tl.load(ks_ptr + start // BLOCK_N)  # this key tile's dequantization scale
+        scale0 = scale0 * ks
+        scale1 = scale1 * ks
+    acc0, l0, m0 = _update(acc0, l0, m0, q0, k, v, start, scale0, N, BLOCK_N, LOWP, MASKED, ROW_SCALE, P_DTYPE,
+                           FAST, EXACT, PREC, MAGIC)
     if SPLIT == 2:
-        acc1, l1, m1 = _update(acc1, l1, m1, q1, k, v, start, scale, N, BLOCK_N, LOWP, MASKED, P_DTYPE, FAST,
-                               EXACT, PREC, MAGIC)
+        acc1, l1, m1 = _update(acc1, l1, m1, q1, k, v, start, scale1, N, BLOCK_N, LOWP, MASKED, ROW_SCALE, P_DTYPE,
+                               FAST, EXACT, PREC, MAGIC)
     return acc0, l0, m0, acc1, l1, m1
 
 
@@ -164,8 +177,9 @@ def _store(desc_o, acc, l_i, b, h, bh, row, vs_ptr, vm_ptr, HEAD_DIM: tl.constex
 @triton.jit
 def _attn_fwd_kernel(desc_q, desc_k, desc_v, desc_o, qs_ptr, ks_ptr, vs_ptr, vm_ptr, H, qk_scale,
                      N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     LOWP: tl.constexpr, SPLIT: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr,
-                     EXACT: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr, MAGIC: tl.constexpr):
+                     LOWP: tl.constexpr, SPLIT: tl.constexpr, ROW_SCALE: tl.constexpr, P_DTYPE: tl.constexpr,
+                     FAST: tl.constexpr, EXACT: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr,
+                     MAGIC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -176,11 +190,19 @@ def _attn_fwd_kernel(desc_q, desc_k, desc_v, desc_o, qs_ptr, ks_ptr, vs_ptr, vm_
     q1 = q0  # the second half's queries, with SPLIT; otherwise unused, and dropped by the compiler
     if SPLIT == 2:
         q1 = desc_q.load([b, h, row + HALF, 0]).reshape(HALF, HEAD_DIM)
-    if LOWP:  # both halves share the tile's quantization scale
-        n_qt: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    scale0 = qk_scale
+    scale1 = qk_scale
+    if LOWP:
         n_kt: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-        qk_scale = qk_scale * tl.load(qs_ptr + bh * n_qt + pid_m)
         ks_ptr = ks_ptr + bh * n_kt
+        if ROW_SCALE:  # one q scale per row (B, H, N), from the fused QK prologue; rows past N get 0
+            r = row + tl.arange(0, HALF)
+            scale0 = qk_scale * tl.load(qs_ptr + bh * N + r, mask=r < N, other=0.0)
+            scale1 = qk_scale * tl.load(qs_ptr + bh * N + r + HALF, mask=r + HALF < N, other=0.0)
+        else:  # one per tile of BLOCK_M rows, which both halves share
+            n_qt: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+            scale0 = qk_scale * tl.load(qs_ptr + bh * n_qt + pid_m)
+            scale1 = scale0
     m0 = tl.full((HALF,), float("-inf"), tl.float32)
     l0 = tl.zeros((HALF,), tl.float32)
     acc0 = tl.zeros((HALF, HEAD_DIM), tl.float32)
@@ -188,12 +210,12 @@ def _attn_fwd_kernel(desc_q, desc_k, desc_v, desc_o, qs_ptr, ks_ptr, vs_ptr, vm_
     FULL: tl.constexpr = N // BLOCK_N * BLOCK_N
     for start in tl.range(0, FULL, BLOCK_N, warp_specialize=WS):
         acc0, l0, m0, acc1, l1, m1 = _key_tile(acc0, l0, m0, acc1, l1, m1, q0, q1, desc_k, desc_v, b, h, start,
-                                               qk_scale, ks_ptr, N, HEAD_DIM, BLOCK_N, LOWP, False, SPLIT,
-                                               P_DTYPE, FAST, EXACT, PREC, MAGIC)
+                                               scale0, scale1, ks_ptr, N, HEAD_DIM, BLOCK_N, LOWP, False, SPLIT,
+                                               ROW_SCALE, P_DTYPE, FAST, EXACT, PREC, MAGIC)
     if FULL < N:
         acc0, l0, m0, acc1, l1, m1 = _key_tile(acc0, l0, m0, acc1, l1, m1, q0, q1, desc_k, desc_v, b, h, FULL,
-                                               qk_scale, ks_ptr, N, HEAD_DIM, BLOCK_N, LOWP, True, SPLIT,
-                                               P_DTYPE, FAST, EXACT, PREC, MAGIC)
+                                               scale0, scale1, ks_ptr, N, HEAD_DIM, BLOCK_N, LOWP, True, SPLIT,
+                                               ROW_SCALE, P_DTYPE, FAST, EXACT, PREC, MAGIC)
     _store(desc_o, acc0, l0, b, h, bh, row, vs_ptr, vm_ptr, HEAD_DIM, HALF, LOWP)
     if SPLIT == 2:
         _store(desc_o, acc1, l1, b, h, bh, row + HALF, vs_ptr, vm_ptr, HEAD_DIM, HALF, LOWP)
@@ -256,7 +278,7 @@ def _flash(q, k, v, config=None):
     half = bm // split  # the rows of one query load and one store
     _attn_fwd_kernel[(triton.cdiv(N, bm), B * H)](
         _desc(q, half, d), _desc(k, bn, d), _desc(v, bn, d), _desc(o, half, d), q, q, q, q, H, d ** -0.5 * _LOG2E,
-        N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=False, SPLIT=split, **_exp_args(q.dtype, False),
+        N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=False, SPLIT=split, ROW_SCALE=False, **_exp_args(q.dtype, False),
         num_warps=warps, num_stages=stages)
     return o
 
@@ -312,30 +334,38 @@ def _quant_v_kernel(v_ptr, mean_ptr, scale_ptr, out_ptr, N, N_PAD, svb, svh, svn
     tl.store(out_ptr + (bh * HEAD_DIM + cols[None, :]) * N_PAD + rows[:, None], _e4m3(v, EXACT))
 
 
-def quantize_qkv(q, k, v, block_m: int, block_n: int, qk: str = "int8"):
-    """-> q8, q_scale (B, H, ⌈N/block_m⌉), k8 (smoothed), k_scale (B, H, ⌈N/block_n⌉), vt8 (B, H, d, N_pad),
-    v_scale (B, H, d), v_mean (B, H, d); scales and means in fp32, q8 and k8 in int8 (or e4m3)."""
-    B, H, N, d = q.shape
+def _quant_rows(x, mean, blk: int, int8: bool):
+    """x (B, H, N, d) -> x8 and one scale per tile of blk rows (B, H, ⌈N/blk⌉); `mean` (B, H, d) subtracted first."""
+    B, H, N, d = x.shape
+    x8 = alloc.empty((B, H, N, d), x, torch.int8 if int8 else FP8)
+    s = alloc.empty((B, H, triton.cdiv(N, blk)), x, torch.float32)
+    _quant_rows_kernel[(triton.cdiv(N, blk), B * H)](
+        x, mean if mean is not None else x, x8, s, N, *x.stride()[:3], H, HEAD_DIM=d, BLOCK=blk,
+        HAS_MEAN=mean is not None, INT8=int8, EXACT=_INTERPRET)
+    return x8, s
+
+
+def quantize_kv(k, v, block_n: int, qk: str = "int8"):
+    """-> k8 (smoothed), k_scale (B, H, ⌈N/block_n⌉), vt8 (B, H, d, N_pad), v_scale (B, H, d), v_mean (B, H, d);
+    scales and means in fp32, k8 in int8 (or e4m3)."""
+    B, H, N, d = k.shape
     k_mean = torch.mean(k, dim=2, dtype=torch.float32).contiguous()  # (B, H, d)
     v_mean = torch.mean(v, dim=2, dtype=torch.float32)  # (B, H, d)
     # the smoothed V's absmax per channel: max(v) - mean or mean - min(v)
     v_scale = (torch.maximum(v.amax(dim=2).float() - v_mean, v_mean - v.amin(dim=2).float()) / FP8_MAX
                ).clamp_min(1e-12).contiguous()
     v_mean = v_mean.contiguous()
-    int8 = qk == "int8"
-    out = []
-    for x, mean, blk in ((q, None, block_m), (k, k_mean, block_n)):
-        x8 = alloc.empty((B, H, N, d), x, torch.int8 if int8 else FP8)
-        s = alloc.empty((B, H, triton.cdiv(N, blk)), x, torch.float32)
-        _quant_rows_kernel[(triton.cdiv(N, blk), B * H)](
-            x, mean if mean is not None else x, x8, s, N, *x.stride()[:3], H, HEAD_DIM=d, BLOCK=blk,
-            HAS_MEAN=mean is not None, INT8=int8, EXACT=_INTERPRET)
-        out += [x8, s]
+    k8, ks = _quant_rows(k, k_mean, block_n, qk == "int8")
     n_pad = triton.cdiv(N, block_n) * block_n
     vt8 = alloc.empty((B, H, d, n_pad), v, FP8)
     _quant_v_kernel[(n_pad // block_n, B * H)](v, v_mean, v_scale, vt8, N, n_pad, *v.stride()[:3], H, HEAD_DIM=d,
                                                BLOCK=block_n, EXACT=_INTERPRET)
-    return (*out, vt8, v_scale, v_mean)
+    return k8, ks, vt8, v_scale, v_mean
+
+
+def quantize_qkv(q, k, v, block_m: int, block_n: int, qk: str = "int8"):
+    """-> q8, q_scale (B, H, ⌈N/block_m⌉), then quantize_kv's five."""
+    return (*_quant_rows(q, None, block_m, qk == "int8"), *quantize_kv(k, v, block_n, qk))
 
 
 @torch.library.custom_op("cogrt::sage_attention", mutates_args=())
@@ -349,20 +379,46 @@ def _sage(q, k, v, qk="int8", config=None):
     if qk not in ("int8", "fp8"):
         raise ValueError(f"qk must be 'int8' or 'fp8', got {qk!r}")
     B, H, N, d = q.shape
-    bm, bn, warps, stages, split = _config(d, True, config, N)
-    q8, qs, k8, ks, vt8, vs, vm = quantize_qkv(q, k, v, bm, bn, qk)
-    o = alloc.empty((B, H, N, d), q)
+    cfg = _config(d, True, config, N)
+    q8, qs = _quant_rows(q, None, cfg[0], qk == "int8")
+    return _sage_run(q8, qs, quantize_kv(k, v, cfg[1], qk), q.dtype, cfg, row_scale=False)
+
+
+def _sage_run(q8, qs, kv, dtype, cfg, row_scale: bool):
+    B, H, N, d = q8.shape
+    k8, ks, vt8, vs, vm = kv
+    bm, bn, warps, stages, split = cfg
+    o = alloc.empty((B, H, N, d), vt8, dtype)
     half = bm // split
     _attn_fwd_kernel[(triton.cdiv(N, bm), B * H)](
         _desc(q8, half, d), _desc(k8, bn, d), _desc(vt8, d, bn), _desc(o, half, d), qs, ks, vs, vm, H,
-        d ** -0.5 * _LOG2E, N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=True, SPLIT=split,
-        **_exp_args(q.dtype, True), num_warps=warps, num_stages=stages)
+        d ** -0.5 * _LOG2E, N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=True, SPLIT=split, ROW_SCALE=row_scale,
+        **_exp_args(dtype, True), num_warps=warps, num_stages=stages)
     return o
 
 
 @sage_attention.register_fake
 def _(q, k, v, qk="int8"):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("cogrt::sage_attention_q8", mutates_args=())
+def sage_attention_q8(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sage_attention with q already in int8, one scale per row: q ≈ q8 · q_scale[..., None], q_scale (B, H, N)
+    fp32, as `kernels.qk.qk_norm_rope_q8` writes them. Out in k's dtype."""
+    _check(k, k, v)
+    B, H, N, d = k.shape
+    if q8.shape != k.shape or q8.dtype != torch.int8 or q_scale.shape != (B, H, N) or q_scale.dtype != torch.float32:
+        raise ValueError(f"q8 must be int8 {tuple(k.shape)} and q_scale fp32 {(B, H, N)}; got {q8.dtype} "
+                         f"{tuple(q8.shape)}, {q_scale.dtype} {tuple(q_scale.shape)}")
+    cfg = _config(d, True, None, N)
+    return _sage_run(_aligned(q8), q_scale.contiguous(), quantize_kv(k, v, cfg[1], "int8"), k.dtype, cfg,
+                     row_scale=True)
+
+
+@sage_attention_q8.register_fake
+def _(q8, q_scale, k, v):
+    return torch.empty_like(k)
 
 
 def sage_attention_reference(q, k, v, block_m: int, block_n: int, qk: str = "int8") -> torch.Tensor:
@@ -408,3 +464,8 @@ def triton_backend(q, k, v):
 @attention.register("triton-fp8")
 def triton_fp8_backend(q, k, v):
     return sage_attention(q, k, v)
+
+
+@attention.register_q8("triton-fp8")
+def triton_fp8_q8_backend(q8, q_scale, k, v):
+    return sage_attention_q8(q8, q_scale, k, v)

@@ -8,7 +8,7 @@ from kernels import attention as fa  # noqa: E402
 
 from engine import attention  # noqa: E402
 
-from bench.kernels import realistic_qkv, sampled_error  # noqa: E402
+from bench.kernels import quantize_rows, realistic_qkv, sampled_error  # noqa: E402
 from tests.kernel_cases import DEV, DTYPES, transformer_case  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
@@ -85,6 +85,46 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_sage_attention_with_prequantized_q_matches_its_reference(monkeypatch, split):
+    """One q scale per row (ROW_SCALE) is the reference with a q tile of one row, in both tile forms."""
+    monkeypatch.setattr(fa, "_INTERPRET_CONFIG", (32, 32, 4, 1, split))
+    B, H, N, d = 1, 2, 226 + 70, 64
+    q, k, v = (t.half().to(DEV) for t in realistic_qkv(B, H, N, d, seed=4))
+    out = fa.sage_attention_q8(*quantize_rows(q), k, v)
+    ref = fa.sage_attention_reference(q.cpu(), k.cpu(), v.cpu(), 1, fa._config(d, True)[1], "int8")
+    assert out.shape == q.shape and out.dtype == torch.float16 and not out.isnan().any()
+    assert rel(out.cpu(), ref) < 2e-3
+
+
+def test_sage_attention_q8_rejects_bad_input():
+    q = torch.randn(1, 1, 8, 64, device=DEV, dtype=torch.float16)
+    q8, qs = quantize_rows(q)
+    with pytest.raises(ValueError, match="int8"):
+        fa.sage_attention_q8(q8.half(), qs, q, q)
+    with pytest.raises(ValueError, match="q_scale"):
+        fa.sage_attention_q8(q8, qs[..., :4], q, q)
+
+
+def test_transformer_with_q_quantized_in_the_prologue(checkpoint, monkeypatch):
+    """FUSE_Q_QUANT: the block's fused path hands the prologue's int8 q to the backend. Against triton-fp8
+    quantizing q itself, and against sdpa."""
+    model, x, text, t = transformer_case(checkpoint)
+    calls = []
+    plain_q8 = fa.sage_attention_q8
+    monkeypatch.setattr(fa, "sage_attention_q8", lambda *a: calls.append(1) or plain_q8(*a))
+    with torch.no_grad():
+        ref = model(x, text, t)
+        model.set_fused_norms(True)
+        model.set_attention_backend("triton-fp8")
+        tile = model(x, text, t)
+        assert not calls
+        monkeypatch.setattr(attention, "FUSE_Q_QUANT", True)
+        row = model(x, text, t)
+    assert len(calls) == len(model.blocks)
+    assert rel(row, ref) < 3e-2 and rel(tile, ref) < 3e-2 and not torch.equal(row, tile)
+
+
 def test_quantize_qkv_scales_and_padding():
     B, H, N, d = 1, 2, 45, 64
     q, k, v = (t.half().to(DEV) for t in realistic_qkv(B, H, N, d, seed=2))
@@ -121,6 +161,7 @@ def test_real_shape_low_precision(heads, N):
     full fp32 scores would not fit); the issue's bound is 3e-2."""
     q, k, v = realistic_qkv(2, heads, N, 64, seed=heads, device=DEV, dtype=torch.bfloat16)
     assert sampled_error(fa.sage_attention(q, k, v), q, k, v) < 3e-2
+    assert sampled_error(fa.sage_attention_q8(*quantize_rows(q), k, v), q, k, v) < 3e-2
     assert sampled_error(fa.flash_attention(q, k, v), q, k, v) < 5e-3
 
 

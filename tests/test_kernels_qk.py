@@ -5,6 +5,7 @@ import torch
 triton = pytest.importorskip("triton")
 from kernels import qk  # noqa: E402
 
+from bench.kernels import quantize_rows  # noqa: E402
 from tests.kernel_cases import DEV, DTYPES, transformer_case  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
@@ -35,6 +36,20 @@ def test_qk_norm_rope_matches_reference(dtype, B, N, n_text, H, d, rope):
     for got, ref in ((q, rq), (k, rk)):
         assert got.shape == (B, H, N, d) and not got.isnan().any()
         torch.testing.assert_close(got.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype] * 4)
+
+
+@pytest.mark.parametrize("B,N,n_text,H,d", [(1, 226 + 37, 226, 3, 64), (2, 12, 5, 4, 16)])
+def test_qk_norm_rope_q8_quantizes_what_qk_norm_rope_writes(B, N, n_text, H, d):
+    """The fused form writes the same k, and q as int8 with one scale per token and head: the rounding of the
+    q that the plain prologue writes."""
+    qkv, (wq, bq, wk, bk), cos, sin = inputs(B, N, n_text, H, d, torch.float16)
+    q, k = qk.qk_norm_rope(qkv, H, n_text, wq, bq, wk, bk, cos, sin, 1e-6)
+    q8, qs, k2 = qk.qk_norm_rope_q8(qkv, H, n_text, wq, bq, wk, bk, cos, sin, 1e-6)
+    assert torch.equal(k2, k) and q8.dtype == torch.int8 and qs.shape == (B, H, N)
+    torch.testing.assert_close(qs, q.float().abs().amax(-1) / 127, rtol=1e-6, atol=0)
+    want = quantize_rows(q)[0].float()
+    assert (q8.float() - want).abs().max() <= 1 and (q8.float() == want).float().mean() > 0.99
+    assert (q8.abs().amax(-1) == 127).all()  # every row uses the whole range (and was written: poison is -128)
 
 
 def test_text_tokens_are_not_rotated():
@@ -87,12 +102,18 @@ def test_real_shape_bf16():
         torch.testing.assert_close(got.float(), ref.float(), rtol=1.6e-2, atol=6.4e-2)
 
 
-def test_fused_block_traces_whole_under_torch_compile():
-    """The kernels are torch.library ops with fake implementations, so Dynamo captures the block in one graph."""
+@pytest.mark.parametrize("q8", [False, True])
+def test_fused_block_traces_whole_under_torch_compile(monkeypatch, q8):
+    """The kernels are torch.library ops with fake implementations, so Dynamo captures the block in one graph;
+    `q8`: triton-fp8 attention with q quantized in the prologue."""
+    from engine import attention
     from engine.model import PRESETS, Block, rope_3d
     cfg = PRESETS["tiny-5b"]
     block = Block(cfg).to(DEV).eval()
     block.fused_norms = True
+    if q8:
+        monkeypatch.setattr(attention, "FUSE_Q_QUANT", True)
+        block.attn_backend = "triton-fp8"
     cos, sin = rope_3d(cfg, 1, 2, 3, DEV)  # 6 video tokens
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(1, 6, cfg.dim, generator=g).to(DEV), torch.randn(1, 4, cfg.dim, generator=g).to(DEV)
