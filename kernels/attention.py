@@ -54,7 +54,7 @@ CONFIGS_LONG = {64: (128, 128, 4, 3, 1)}  # bf16 at N >= LONG
 LONG = 32768
 CONFIGS_FP8 = {64: (128, 128, 4, 3, 1)}
 _DEFAULT_CONFIG = (64, 64, 4, 2, 1)  # head dims not swept yet
-_INTERPRET_CONFIG = (32, 32, 4, 1, 2)  # the split path is the one most served
+_INTERPRET_CONFIG = (32, 32, 4, 1, 2)  # split; the tests that set SPLIT = 1 cover the whole tile
 # The packed 16-bit exponential (see _exp2) measured slower on the H100 (16.98 -> 17.48 ms bf16, 15.56 -> 17.35
 # ms fp8 at the 5B shape; bench/RESULTS.md): the conversions it needs cost more than the exponentials it
 # saves. Off by default; bench/kernels.py --sweep measures both.
@@ -335,7 +335,8 @@ def _quant_v_kernel(v_ptr, mean_ptr, scale_ptr, out_ptr, N, N_PAD, svb, svh, svn
 
 
 def _quant_rows(x, mean, blk: int, int8: bool):
-    """x (B, H, N, d) -> x8 and one scale per tile of blk rows (B, H, ⌈N/blk⌉); `mean` (B, H, d) subtracted first."""
+    """x (B, H, N, d) -> x8 and one scale per tile of blk rows (B, H, ⌈N/blk⌉); `mean` (B, H, d), if given, is
+    subtracted first."""
     B, H, N, d = x.shape
     x8 = alloc.empty((B, H, N, d), x, torch.int8 if int8 else FP8)
     s = alloc.empty((B, H, triton.cdiv(N, blk)), x, torch.float32)
@@ -380,8 +381,8 @@ def _sage(q, k, v, qk="int8", config=None):
         raise ValueError(f"qk must be 'int8' or 'fp8', got {qk!r}")
     B, H, N, d = q.shape
     cfg = _config(d, True, config, N)
-    q8, qs = _quant_rows(q, None, cfg[0], qk == "int8")
-    return _sage_run(q8, qs, quantize_kv(k, v, cfg[1], qk), q.dtype, cfg, row_scale=False)
+    q8, qs, *kv = quantize_qkv(q, k, v, cfg[0], cfg[1], qk)
+    return _sage_run(q8, qs, kv, q.dtype, cfg, row_scale=False)
 
 
 def _sage_run(q8, qs, kv, dtype, cfg, row_scale: bool):
