@@ -165,6 +165,24 @@ def prologue_sweep():
     print(f"QK prologue: using BLOCK_T={best[1]} warps={best[2]}", flush=True)
 
 
+def adaln_sweep():
+    """Rows per program and warps for adaln_modulate, at the 5B shape."""
+    from kernels import adaln
+    B, Nv, Nt, D = 2, 17550, 226, 3072
+    x = torch.randn(B, Nv, D, device="cuda", dtype=torch.bfloat16)
+    c = torch.randn(B, Nt, D, device="cuda", dtype=torch.bfloat16)
+    w, mod = torch.randn(D, device="cuda", dtype=torch.bfloat16), torch.randn(B, 6 * D, device="cuda", dtype=torch.bfloat16)
+    best = None
+    for rows in (1, 2, 4, 8):
+        for warps in (4, 8, 16):
+            adaln.ROWS, adaln.NUM_WARPS = rows, warps
+            ms = bench_ms(lambda: adaln.adaln_modulate(x, c, w, w, mod, 1e-5), rep=100)
+            print(f"sweep adaLN ROWS={rows} warps={warps}: {ms:.3f} ms", flush=True)
+            best = min(best or (ms, rows, warps), (ms, rows, warps))
+    adaln.ROWS, adaln.NUM_WARPS = best[1], best[2]
+    print(f"adaLN: using ROWS={best[1]} warps={best[2]}", flush=True)
+
+
 def rope_tables():
     """The 5B RoPE tables at 49 x 480 x 720 (13 x 30 x 45 patches), as the QK prologue takes them."""
     from engine.model import PRESETS, rope_3d
@@ -234,6 +252,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="sweep the attention kernel's tile configurations")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="kernel variants to sweep, from VARIANTS")
     ap.add_argument("--no-fused", action="store_true")
+    ap.add_argument("--sweep-fused", action="store_true", help="sweep the fused passes' launch settings first")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None, help="write the tables there (to paste into bench/RESULTS.md)")
     args = ap.parse_args(argv)
@@ -249,8 +268,9 @@ def main(argv=None):
     backends = ["sdpa", "sdpa-flash", "triton", "triton-fp8"] + [
         b for b in ("sage", "flash-attn") if b in attention.available()]
     sweep = sweep_rows(args.variants.split(",")) if args.sweep else []
-    if args.sweep and not args.no_fused:
+    if (args.sweep or args.sweep_fused) and not args.no_fused:
         prologue_sweep()
+        adaln_sweep()
     attn = []
     for name in args.shapes.split(","):
         attn += attention_rows(name, backends, qk_fp8=name.startswith("5B"))

@@ -6,6 +6,7 @@ our output against diffusers' is printed beside the times.
 
     python -m bench.step --preset cogvideox-5b --batch 2 --frames 49 --height 480 --width 720
     python -m bench.step --backends sdpa,triton,triton-fp8 --fused-norms   # + ours with each attention backend
+    python -m bench.step --backends triton-fp8 --fused-norms --fuse-q-quant  # + q quantized in the QK prologue
 
 With `--backends`, ours also runs with each named attention backend (and, with `--fused-norms`, with the
 Triton norm/prologue/residual kernels on too); those rows give the relative error against ours with
@@ -61,11 +62,14 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step of each")
     ap.add_argument("--backends", default="", help="comma-separated attention backends to run ours with")
     ap.add_argument("--fused-norms", action="store_true", help="also run each backend with the fused kernels")
+    ap.add_argument("--fuse-q-quant", action="store_true",
+                    help="with --fused-norms, also run backends that take an int8 q with the QK prologue quantizing it")
     args = ap.parse_args(argv)
 
     from diffusers import CogVideoXTransformer3DModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from engine import attention
     from engine.loader import build_transformer, to_engine_state_dict
     from engine.model import PRESETS
 
@@ -137,6 +141,11 @@ def main(argv=None):
                 ours.set_attention_backend(backend)
                 ours.set_fused_norms(fused)
                 measure(f"cogrt eager, {backend}" + (" + fused norms" if fused else ""), run_ours, ours_sdpa)
+            if args.fused_norms and args.fuse_q_quant:
+                attention.FUSE_Q_QUANT = True
+                if attention.q8_backend(backend) is not None:
+                    measure(f"cogrt eager, {backend} + fused norms + q quantized in the prologue", run_ours, ours_sdpa)
+                attention.FUSE_Q_QUANT = False
         ours.set_attention_backend("sdpa")
         ours.set_fused_norms(False)
         if args.profile:

@@ -12,6 +12,8 @@ training keeps the native path, which autograd differentiates.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -19,31 +21,41 @@ import triton.language as tl
 from . import alloc
 
 
+# rows per program and warps for adaln_modulate. A program takes ROWS consecutive rows of one stream of one
+# batch row, so it loads that stream's shift, scale and LayerNorm affine once for all of them, not once a row
+# (per row those are 4 extra reads of D values, twice the row's own traffic, served by L2).
+ROWS = 4 if os.environ.get("TRITON_INTERPRET") == "1" else 1
+NUM_WARPS = 4
+
+
 @triton.jit
-def _adaln_modulate_kernel(x_ptr, c_ptr, w_ptr, b_ptr, mod_ptr, out_ptr, N, n_text, D, eps,
-                           HAS_AFFINE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)  # one token of the joint sequence: batch row // N, position row % N
-    b = row // N
-    n = row % N
-    is_text = n < n_text
+def _adaln_modulate_kernel(x_ptr, c_ptr, w_ptr, b_ptr, mod_ptr, out_ptr, Nv, n_text, D, text_tiles, eps,
+                           HAS_AFFINE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)  # tiles [0, text_tiles) hold text rows, the rest video rows
+    b = tl.program_id(1)
+    is_text = t < text_tiles
+    first = tl.where(is_text, t, t - text_tiles) * ROWS
+    n_rows = tl.where(is_text, n_text, Nv)
+    r = first + tl.arange(0, ROWS)  # row within this stream of batch row b
     cols = tl.arange(0, BLOCK)
-    m = cols < D
-    # text rows read c[b, n]; video rows read x[b, n - n_text]
-    src = tl.where(is_text, c_ptr + (b * n_text + n) * D, x_ptr + (b * (N - n_text) + n - n_text) * D)
-    v = tl.load(src + cols, mask=m, other=0.0).to(tl.float32)
-    mean = tl.sum(v, axis=0) / D
-    diff = tl.where(m, v - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
-    y = diff * rstd
+    m = (r < n_rows)[:, None] & (cols < D)[None, :]  # (ROWS, BLOCK)
+    src = tl.where(is_text, c_ptr + (b * n_text + r) * D, x_ptr + (b * Nv + r) * D)  # (ROWS,) row starts
+    v = tl.load(src[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(v, axis=1) / D
+    diff = tl.where(m, v - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
+    y = diff * rstd[:, None]
+    cm = cols < D
     if HAS_AFFINE:
-        y = y * tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32) \
-            + tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        y = y * tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :] \
+            + tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
     # mod row b holds [shift, scale, gate, c_shift, c_scale, c_gate], D columns each
     base = mod_ptr + b * 6 * D + tl.where(is_text, 3 * D, 0)
-    shift = tl.load(base + cols, mask=m, other=0.0).to(tl.float32)
-    scale = tl.load(base + D + cols, mask=m, other=0.0).to(tl.float32)
-    y = y * (1.0 + scale) + shift
-    tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=m)
+    shift = tl.load(base + cols, mask=cm, other=0.0).to(tl.float32)
+    scale = tl.load(base + D + cols, mask=cm, other=0.0).to(tl.float32)
+    y = y * (1.0 + scale[None, :]) + shift[None, :]
+    at = b * (n_text + Nv) + tl.where(is_text, 0, n_text) + r  # row in the joint [text; video] output
+    tl.store(out_ptr + at[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -79,9 +91,10 @@ def adaln_modulate(x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor | None
     Nt = c.shape[1]
     out = alloc.empty((B, Nt + Nv, D), x)
     affine = weight is not None
-    _adaln_modulate_kernel[(B * (Nt + Nv),)](x, c, weight if affine else x, bias if affine else x, mod, out,
-                                            Nt + Nv, Nt, D, eps, HAS_AFFINE=affine,
-                                            BLOCK=triton.next_power_of_2(D))
+    text_tiles = triton.cdiv(Nt, ROWS)
+    _adaln_modulate_kernel[(text_tiles + triton.cdiv(Nv, ROWS), B)](
+        x, c, weight if affine else x, bias if affine else x, mod, out, Nv, Nt, D, text_tiles, eps,
+        HAS_AFFINE=affine, ROWS=ROWS, BLOCK=triton.next_power_of_2(D), num_warps=NUM_WARPS)
     return out
 
 
