@@ -84,10 +84,17 @@ def attention_rows(shape_name, backends, qk_fp8: bool):
         runs.append(("triton-fp8 (e4m3 Q·Kᵀ)", lambda: fa.sage_attention(q, k, v, "fp8")))
         q8, qs = quantize_rows(q)  # done by the QK prologue when attention.FUSE_Q_QUANT is on
         runs.append(("triton-fp8 (int8 q from the QK prologue)", lambda: fa.sage_attention_q8(q8, qs, k, v)))
+    if "cudnn-fp8" in backends:  # cuDNN's kernel alone, on inputs quantized beforehand
+        from engine import attention_cudnn as ac
+        q8, k8, v8, dq, dk, vs, vm = ac.quantize(q, k, v)
+        runs.append(("cudnn-fp8 (kernel only)", lambda: ac.attend_fp8(q8, k8, v8, dq, dk)))
     rows, base = [], None
     for name, fn in runs:
         try:
-            err = sampled_error(fn(), q, k, v)
+            out = fn()
+            if name == "cudnn-fp8 (kernel only)":
+                out = out.float() * vs + vm
+            err = sampled_error(out, q, k, v)
             ms = bench_ms(fn)
         except Exception as e:  # a backend that cannot run here is reported, not fatal
             print(f"{shape_name:22s} {name:26s} failed: {type(e).__name__}: {e}", flush=True)
@@ -136,7 +143,10 @@ def sweep_rows(variants=None):
                 fn = (lambda c=cfg: fa._sage(q, k, v, "int8", c)) if kernel == "triton-fp8" else \
                     (lambda c=cfg: fa._flash(q, k, v, c))
                 try:
-                    err = sampled_error(fn(), q, k, v)
+                    out = fn()
+            if name == "cudnn-fp8 (kernel only)":
+                out = out.float() * vs + vm
+            err = sampled_error(out, q, k, v)
                     ms = bench_ms(fn, rep=100)
                 except Exception as e:  # e.g. out of shared memory for this tile size
                     print(f"sweep {kernel}{label} {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -266,7 +276,12 @@ def main(argv=None):
                 copy_gb_s=copy_bandwidth(), inputs="random, realistic_qkv (LayerNorm rows, outlier channels, K offset)")
     print(json.dumps(meta), flush=True)
     backends = ["sdpa", "sdpa-flash", "triton", "triton-fp8"] + [
-        b for b in ("sage", "flash-attn") if b in attention.available()]
+        b for b in ("sage", "flash-attn", "cudnn-fp8") if b in attention.available()]
+    if "cudnn-fp8" in backends:
+        import cudnn
+        meta.update(cudnn=cudnn.backend_version(), cudnn_frontend=cudnn.__version__)
+        print(f"cuDNN {cudnn.backend_version()} (torch's: {torch.backends.cudnn.version()}), "
+              f"frontend {cudnn.__version__}", flush=True)
     sweep = sweep_rows(args.variants.split(",")) if args.sweep else []
     if (args.sweep or args.sweep_fused) and not args.no_fused:
         prologue_sweep()

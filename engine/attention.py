@@ -7,6 +7,7 @@ q, k, v of shape (B, H, N, d).
 - `triton` (bf16/fp16) and `triton-fp8` (int8 Q·Kᵀ, fp8 P·V): ours, in kernels/attention.py, imported
   the first time they are asked for.
 - `sage` (the `sageattention` package) and `flash-attn` (the `flash_attn` package): where installed.
+- `cudnn-fp8`: cuDNN's fp8 attention through the `cudnn` package (nvidia-cudnn-frontend), where installed.
 - `auto`: on a GPU, the fastest of the full-precision backends (sdpa, triton, flash-attn) whose output
   stays within 1e-2 of sdpa's, timed once per shape at its first call; elsewhere sdpa. The low-precision
   ones are never picked by `auto`: they are chosen by name, by the fp8 mode.
@@ -33,7 +34,8 @@ def register(name: str):
 # backends registered on first use: name -> (module that registers it, package it needs)
 _LAZY = {"triton": ("kernels.attention", "triton"), "triton-fp8": ("kernels.attention", "triton"),
          "sage": ("engine.attention_external", "sageattention"),
-         "flash-attn": ("engine.attention_external", "flash_attn")}
+         "flash-attn": ("engine.attention_external", "flash_attn"),
+         "cudnn-fp8": ("engine.attention_cudnn", "cudnn")}
 
 
 def get_backend(name: str) -> Backend:
@@ -114,7 +116,7 @@ def sdpa_math(q, k, v):
 
 # ---------------------------------------------------------------------------------------------------------
 AUTO_CANDIDATES = ("sdpa", "triton", "flash-attn")
-LOW_PRECISION = ("triton-fp8", "sage")  # quantized inputs: close to the others, not equal
+LOW_PRECISION = ("triton-fp8", "sage", "cudnn-fp8")  # quantized inputs: close to the others, not equal
 AUTO_TOLERANCE = 1e-2  # relative error against sdpa's output, on the call's own inputs
 _auto_choice: dict[tuple, str] = {}
 

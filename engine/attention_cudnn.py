@@ -1,0 +1,95 @@
+"""`cudnn-fp8`: cuDNN's own fp8 flash attention (Hopper and newer), through the `cudnn` Python package
+(nvidia-cudnn-frontend), which loads the libcudnn that torch already carries.
+
+cuDNN takes e4m3 q, k, v with one scale per tensor, and on Hopper writes O in e4m3 too. Per-tensor scales
+suit fp8 better than they would int8, since e4m3 is floating point: a head of small values keeps its
+relative precision. What hurts fp8 attention in CogVideoX is the offsets, so, as in our triton-fp8:
+- K is smoothed: its mean over tokens (per batch row, head and channel) is subtracted. Each score row then
+  moves by a constant, which the softmax ignores.
+- V is smoothed and scaled per channel: v' = (v − mean)/s, so that every channel spans e4m3's range. The
+  rows of P sum to one, so o = (P·v')·s + mean.
+The graph is built once per shape and device, then reused with new pointers.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .attention import register
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+_graphs: dict[tuple, tuple] = {}
+_local = threading.local()  # one cuDNN handle per thread and device
+
+
+def _handle(device):
+    import cudnn
+    handles = _local.__dict__.setdefault("handles", {})
+    if device not in handles:
+        with torch.cuda.device(device):
+            handles[device] = cudnn.create_handle()
+    return handles[device]
+
+
+def _graph(shape, strides, device):
+    """(graph, its tensors in execute order, workspace) for fp8 q, k, v of this shape and these strides."""
+    key = (shape, strides, device)
+    if key not in _graphs:
+        import cudnn
+        f8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+        handle = _handle(device)
+        g = cudnn.pygraph(io_data_type=f8, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+        qkv = [g.tensor(name=n, dim=shape, stride=strides, data_type=f8) for n in "qkv"]
+        scales = [g.tensor(name=n, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=f32)
+                  for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")]
+        o, _, amax_s, amax_o = g.sdpa_fp8(*qkv, *scales, generate_stats=False, attn_scale=shape[-1] ** -0.5)
+        o.set_output(True).set_dim(shape).set_stride(strides).set_data_type(f8)
+        for a in (amax_s, amax_o):  # cuDNN always makes them; they are written, not used
+            a.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(f32)
+        g.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        ws = torch.empty(g.get_workspace_size(), dtype=torch.uint8, device=device)
+        _graphs[key] = (g, (*qkv, *scales, o, amax_s, amax_o), ws, handle)
+    return _graphs[key]
+
+
+def _scalar(x, device):
+    return torch.full((1, 1, 1, 1), x, dtype=torch.float32, device=device)
+
+
+def quantize(q, k, v):
+    """-> q8, k8, v8 (e4m3, q's shape), descale_q, descale_k (1, 1, 1, 1), v_scale and v_mean (B, H, 1, d)."""
+    def per_tensor(x):
+        s = FP8_MAX / x.abs().amax().float().clamp_min(1e-12)
+        return (x.float() * s).clamp(-FP8_MAX, FP8_MAX).to(FP8), (1 / s).reshape(1, 1, 1, 1)
+    q8, dq = per_tensor(q)
+    k8, dk = per_tensor(k - k.mean(dim=2, keepdim=True, dtype=torch.float32))
+    v_mean = v.mean(dim=2, keepdim=True, dtype=torch.float32)  # (B, H, 1, d)
+    vc = v.float() - v_mean
+    v_scale = (vc.abs().amax(dim=2, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    return q8, k8, (vc / v_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), dq, dk, v_scale, v_mean
+
+
+def attend_fp8(q8, k8, v8, descale_q, descale_k):
+    """cuDNN's fp8 attention on prequantized e4m3 inputs (B, H, N, d), v with unit descale -> O (e4m3)."""
+    import cudnn
+    g, tensors, ws, handle = _graph(tuple(q8.shape), tuple(q8.stride()), q8.device)
+    dev = q8.device
+    o8 = torch.empty_like(q8)
+    one = _scalar(1.0, dev)
+    # P lies in [0, 1]: scaling it by 448 keeps the small probabilities of 17k-key rows out of e4m3's subnormals
+    buffers = [q8, k8, v8, descale_q, descale_k, one, _scalar(1 / FP8_MAX, dev), _scalar(FP8_MAX, dev), one,
+               o8, _scalar(0.0, dev), _scalar(0.0, dev)]
+    cudnn.set_stream(handle, torch.cuda.current_stream(dev).cuda_stream)
+    g.execute(dict(zip(tensors, buffers)), ws, handle=handle)
+    return o8
+
+
+@register("cudnn-fp8")
+def cudnn_fp8(q, k, v):
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) < (9, 0):
+        raise ValueError("cudnn-fp8 needs a Hopper or newer GPU")
+    q8, k8, v8, dq, dk, v_scale, v_mean = quantize(q, k, v)
+    o8 = attend_fp8(q8, k8, v8, dq, dk)
+    return (o8.float() * v_scale + v_mean).to(q.dtype)
