@@ -86,8 +86,9 @@ def attention_rows(shape_name, backends, qk_fp8: bool):
         runs.append(("triton-fp8 (int8 q from the QK prologue)", lambda: fa.sage_attention_q8(q8, qs, k, v)))
     if "cudnn-fp8" in backends:  # cuDNN's kernel alone, on inputs quantized beforehand
         from engine import attention_cudnn as ac
-        q8, k8, v8, dq, dk, vs, vm = ac.quantize(q, k, v)
-        runs.append(("cudnn-fp8 (kernel only)", lambda: ac.attend_fp8(q8, k8, v8, dq, dk)))
+        fp8_inputs = ac.quantize(q, k, v)  # q8, k8, v8, descale_q, descale_k, v_scale, v_mean
+        vs, vm = fp8_inputs[5:]
+        runs.append(("cudnn-fp8 (kernel only)", lambda: ac.attend_fp8(*fp8_inputs[:5])))
     rows, base = [], None
     for name, fn in runs:
         try:
