@@ -358,3 +358,27 @@ def test_cuda_graphs_match_plain_compile(checkpoint, tmp_path):
     graphs = engine.load_pipeline(checkpoint("5b"), mode="exact", cuda_graphs=True, cache_dir=tmp_path)
     a, b = plain.generate(PROMPT, **REQ, seed=4), graphs.generate(PROMPT, **REQ, seed=4)
     assert graphs.runner.compiled and rel_err(b.latents, a.latents) < 1e-2
+
+
+@pytest.mark.parametrize("options", ["ours", "inductor's defaults"])
+def test_int8_weight_only_compile_keeps_torchaos_matmul(options):
+    """Inductor's pattern matcher would turn torchao's int8 weight-only matmul into aten._weight_int8pack_mm,
+    a naive kernel on CUDA (minutes for a compiled 5B step). compile_options turns the rewrite off. The rewrite
+    also fires on the CPU in bf16 under no_grad, so it can be counted here; inductor's defaults show it does."""
+    from torch._dynamo.utils import counters
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from engine.runner import compile_options
+    m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).to(torch.bfloat16)
+    quantize_(m, Int8WeightOnlyConfig(set_inductor_config=False))
+    opts = compile_options(modes.Transforms(quant="int8-weight-only", compile=True)) if options == "ours" else {}
+    x = torch.randn(2, 37, 64, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._inductor.config.patch(force_disable_caches=True), torch.no_grad():
+        got = torch.compile(m, fullgraph=True, dynamic=False, options=opts)(x)
+        want = m(x)
+    rewrites = counters["inductor"]["woq_matcher_count"]
+    assert rewrites == 0 if options == "ours" else rewrites > 0
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()
