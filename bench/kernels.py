@@ -179,7 +179,8 @@ def adaln_sweep():
     B, Nv, Nt, D = 2, 17550, 226, 3072
     x = torch.randn(B, Nv, D, device="cuda", dtype=torch.bfloat16)
     c = torch.randn(B, Nt, D, device="cuda", dtype=torch.bfloat16)
-    w, mod = torch.randn(D, device="cuda", dtype=torch.bfloat16), torch.randn(B, 6 * D, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(D, device="cuda", dtype=torch.bfloat16)
+    mod = torch.randn(B, 6 * D, device="cuda", dtype=torch.bfloat16)
     best = None
     for rows in (1, 2, 4, 8):
         for warps in (4, 8, 16):

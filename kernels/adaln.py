@@ -23,8 +23,8 @@ from . import alloc
 
 # rows per program and warps for adaln_modulate. A program takes ROWS consecutive rows of one stream of one
 # batch row, so it loads that stream's shift, scale and LayerNorm affine once for all of them, not once a row
-# (per row those are 4 extra reads of D values, twice the row's own traffic, served by L2). ROWS = 2 with 4 warps: 80% of copy bandwidth on the H200,
-# against 67% for one row a program (bench.kernels --sweep-fused).
+# (per row those are 4 extra reads of D values, twice the row's own traffic, served by L2). ROWS = 2 with 4
+# warps: 80% of copy bandwidth on the H200, against 67% for one row a program (bench.kernels --sweep-fused).
 ROWS = 4 if os.environ.get("TRITON_INTERPRET") == "1" else 2
 NUM_WARPS = 4
 
