@@ -60,19 +60,24 @@ def _scalar(x, device):
 
 def quantize(q, k, v):
     """-> q8, k8, v8 (e4m3, q's shape), descale_q, descale_k (1, 1, 1, 1), v_scale and v_mean (B, H, 1, d)."""
+    # elementwise results keep their input's strides, and the block passes views of its qkv projection:
+    # contiguous (B, H, N, d) copies give the one layout the graph is built for
     def per_tensor(x):
         s = FP8_MAX / x.abs().amax().float().clamp_min(1e-12)
-        return (x.float() * s).clamp(-FP8_MAX, FP8_MAX).to(FP8), (1 / s).reshape(1, 1, 1, 1)
+        return (x.float() * s).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), (1 / s).reshape(1, 1, 1, 1)
     q8, dq = per_tensor(q)
     k8, dk = per_tensor(k - k.mean(dim=2, keepdim=True, dtype=torch.float32))
     v_mean = v.mean(dim=2, keepdim=True, dtype=torch.float32)  # (B, H, 1, d)
     vc = v.float() - v_mean
     v_scale = (vc.abs().amax(dim=2, keepdim=True) / FP8_MAX).clamp_min(1e-12)
-    return q8, k8, (vc / v_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), dq, dk, v_scale, v_mean
+    v8 = (vc / v_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous()
+    return q8, k8, v8, dq, dk, v_scale, v_mean
 
 
 def attend_fp8(q8, k8, v8, descale_q, descale_k):
     """cuDNN's fp8 attention on prequantized e4m3 inputs (B, H, N, d), v with unit descale -> O (e4m3)."""
+    if not (q8.is_contiguous() and k8.is_contiguous() and v8.is_contiguous()):
+        raise ValueError("attend_fp8 takes contiguous (B, H, N, d) q8, k8 and v8, as quantize makes them")
     import cudnn
     g, tensors, ws, handle = _graph(tuple(q8.shape), tuple(q8.stride()), q8.device)
     dev = q8.device

@@ -197,3 +197,9 @@ def test_cudnn_fp8_on_realistic_inputs():
     for heads, N in [(30, 17550 + 226), (3, 226 + 37)]:
         q, k, v = realistic_qkv(2, heads, N, 64, seed=N, device=DEV, dtype=torch.bfloat16)
         assert sampled_error(attention.attend(q, k, v, "cudnn-fp8"), q, k, v) < 3e-2
+    # views of one (B, N, 3, H, d) projection, as the block passes them
+    qkv = torch.stack(realistic_qkv(2, 3, 263, 64, seed=2, device=DEV, dtype=torch.bfloat16), 2)  # (B, H, 3, N, d)
+    qkv = qkv.permute(0, 3, 2, 1, 4).contiguous().permute(0, 3, 2, 1, 4)  # same values, stored (B, N, 3, H, d)
+    q, k, v = qkv.unbind(2)  # (B, H, N, d) each, not contiguous
+    assert not q.is_contiguous()
+    assert sampled_error(attention.attend(q, k, v, "cudnn-fp8"), q, k, v) < 3e-2
