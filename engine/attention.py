@@ -58,6 +58,8 @@ def available() -> list[str]:
 
 def _installed(name: str) -> bool:
     from importlib.util import find_spec
+    if name == "cudnn-fp8" and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)):
+        return False  # cuDNN's fp8 attention runs on Hopper and newer only
     return name in _BACKENDS or (name in _LAZY and find_spec(_LAZY[name][1]) is not None)
 
 

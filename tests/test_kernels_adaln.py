@@ -39,14 +39,15 @@ def test_adaln_modulate_matches_reference(dtype, shape, affine):
 
 @pytest.mark.parametrize("rows", [1, 2, 8])
 def test_adaln_modulate_row_tiles(monkeypatch, rows):
-    """Every rows-per-program setting the sweep can pick: tiles that end inside a stream, a stream shorter
-    than a tile, and a text/video boundary that falls inside what a one-stream tile would cover."""
+    """Rows-per-program settings the sweep can pick (2 is the GPU's default): tiles that end inside a stream, a
+    stream shorter than a tile, no text, no affine, and a text/video boundary inside what one tile would cover."""
     monkeypatch.setattr(adaln, "ROWS", rows)
-    x, c, w, b, mod = inputs(2, 13, 5, 96, torch.float16)
-    out = adaln.adaln_modulate(x, c, w, b, mod, 1e-5)
-    ref = adaln.adaln_modulate_reference(x, c, w, b, mod, 1e-5)
-    assert not out.isnan().any()
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-3, atol=2e-3 * ref.abs().max().item())
+    for shape, affine in [((2, 13, 5, 96), True), ((3, 16, 0, 64), False), ((1, 1, 9, 32), True)]:
+        x, c, w, b, mod = inputs(*shape, torch.float16, affine)
+        out = adaln.adaln_modulate(x, c, w, b, mod, 1e-5)
+        ref = adaln.adaln_modulate_reference(x, c, w, b, mod, 1e-5)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-3, atol=2e-3 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
