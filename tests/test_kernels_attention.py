@@ -203,3 +203,22 @@ def test_cudnn_fp8_on_realistic_inputs():
     q, k, v = qkv.unbind(2)  # (B, H, N, d) each, not contiguous
     assert not q.is_contiguous()
     assert sampled_error(attention.attend(q, k, v, "cudnn-fp8"), q, k, v) < 3e-2
+
+
+@pytest.mark.gpu
+def test_cudnn_fp8_block_compiles_whole():
+    """cudnn-fp8 is a custom op: inductor compiles the block fullgraph around it, and agrees with eager."""
+    pytest.importorskip("cudnn")
+    from engine.model import PRESETS, Block, rope_3d
+    cfg = PRESETS["tiny-5b"]
+    block = Block(cfg).to(DEV, torch.bfloat16).eval()
+    block.attn_backend = "cudnn-fp8"
+    cos, sin = rope_3d(cfg, 2, 4, 6, DEV)  # 48 video tokens
+    g = torch.Generator().manual_seed(0)
+    x, c = (torch.randn(2, n, cfg.dim, generator=g).to(DEV, torch.bfloat16) for n in (48, 7))
+    temb = torch.randn(2, cfg.time_embed_dim, generator=g).to(DEV, torch.bfloat16)
+    with torch.no_grad():
+        ref = block(x, c, temb, (cos, sin))
+        out = torch.compile(block, fullgraph=True)(x, c, temb, (cos, sin))
+    for a, b in zip(out, ref):
+        assert rel(a, b) < 2e-2
