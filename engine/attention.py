@@ -68,8 +68,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sd
 
 
 # Backends that also take q already quantized to int8 by the fused QK prologue (kernels.qk.qk_norm_rope_q8), with
-# one scale per row: name -> fn(q8, q_scale, k, v). That saves the attention's own pass over q (about 0.1 ms a
-# block at 5B). Off until it is measured on the GPU: CI runs it under the Triton interpreter only.
+# one scale per row: name -> fn(q8, q_scale, k, v). That saves the attention's own pass over q (the attention
+# alone: 15.74 against 16.01 ms at 5B on the H200), but the prologue pays it back: the eager 5B step took 1229 ms
+# with it and 1227 ms without (bench/RESULTS.md). So it is off.
 FUSE_Q_QUANT = False
 _Q8: dict[str, Callable] = {}
 
