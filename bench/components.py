@@ -25,7 +25,6 @@ import torch
 
 from engine.model import PRESETS, ModelConfig
 
-# T5-XXL's encoder (the text encoder of every released CogVideoX)
 @dataclass
 class Components:
     cfg: ModelConfig

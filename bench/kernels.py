@@ -43,6 +43,13 @@ def realistic_qkv(B, H, N, d, seed=0, outliers=4.0, k_offset=2.0, device="cpu", 
     return [t.to(dtype) for t in (q, k, v)]
 
 
+def as_projection_views(q, k, v):
+    """The same q, k, v (B, H, N, d) as strided views of one (B, N, 3, H, d) tensor, as the block passes them
+    (views of its fused qkv projection)."""
+    qkv = torch.stack([q, k, v], 2)  # (B, H, 3, N, d)
+    return qkv.permute(0, 3, 2, 1, 4).contiguous().permute(0, 3, 2, 1, 4).unbind(2)
+
+
 def quantize_rows(q):
     """q -> int8 with one scale per row (B, H, N), as kernels.qk.qk_norm_rope_q8 writes it for the attention."""
     qs = q.float().abs().amax(-1).clamp_min(1e-12) / 127
@@ -79,23 +86,25 @@ def attention_rows(shape_name, backends, qk_fp8: bool):
     B, H, N, d = SHAPES[shape_name]
     q, k, v = realistic_qkv(B, H, N, d, seed=1, device="cuda", dtype=torch.bfloat16)
     flops = 4 * B * H * N * N * d
-    runs = [(name, (lambda n=name: attention.attend(q, k, v, n))) for name in backends]
+
+    def same(o):
+        return o
+    # (name, the timed call, what turns its output into the attention's, for the error)
+    runs = [(name, (lambda n=name: attention.attend(q, k, v, n)), same) for name in backends]
     if qk_fp8:
-        runs.append(("triton-fp8 (e4m3 Q·Kᵀ)", lambda: fa.sage_attention(q, k, v, "fp8")))
+        runs.append(("triton-fp8 (e4m3 Q·Kᵀ)", lambda: fa.sage_attention(q, k, v, "fp8"), same))
         q8, qs = quantize_rows(q)  # done by the QK prologue when attention.FUSE_Q_QUANT is on
-        runs.append(("triton-fp8 (int8 q from the QK prologue)", lambda: fa.sage_attention_q8(q8, qs, k, v)))
+        runs.append(("triton-fp8 (int8 q from the QK prologue)", lambda: fa.sage_attention_q8(q8, qs, k, v), same))
     if "cudnn-fp8" in backends:  # cuDNN's kernel alone, on inputs quantized beforehand
         from engine import attention_cudnn as ac
         fp8_inputs = ac.quantize(q, k, v)  # q8, k8, v8, descale_q, descale_k, v_scale, v_mean
         vs, vm = fp8_inputs[5:]
-        runs.append(("cudnn-fp8 (kernel only)", lambda: ac.attend_fp8(*fp8_inputs[:5])))
+        runs.append(("cudnn-fp8 (kernel only)", lambda: ac.attend_fp8(*fp8_inputs[:5]),
+                     lambda o: o.float() * vs + vm))
     rows, base = [], None
-    for name, fn in runs:
+    for name, fn, to_out in runs:
         try:
-            out = fn()
-            if name == "cudnn-fp8 (kernel only)":
-                out = out.float() * vs + vm
-            err = sampled_error(out, q, k, v)
+            err = sampled_error(to_out(fn()), q, k, v)
             ms = bench_ms(fn)
         except Exception as e:  # a backend that cannot run here is reported, not fatal
             print(f"{shape_name:22s} {name:26s} failed: {type(e).__name__}: {e}", flush=True)

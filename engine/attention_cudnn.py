@@ -32,7 +32,8 @@ _local = threading.local()  # this thread's cuDNN handles and graphs
 
 
 def _graph(shape, strides, device):
-    """(graph, its tensors in execute order, workspace, handle) for fp8 q, k, v of this shape and layout."""
+    """(graph, its tensors in execute order, workspace, handle, its fixed scalars) for fp8 q, k, v of this shape
+    and layout."""
     cache = _local.__dict__.setdefault("graphs", {})
     key = (shape, strides, device)
     if key not in cache:
@@ -52,12 +53,11 @@ def _graph(shape, strides, device):
             a.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(f32)
         g.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         ws = torch.empty(g.get_workspace_size(), dtype=torch.uint8, device=device)
-        cache[key] = (g, (*qkv, *scales, o, amax_s, amax_o), ws, handle)
+        # the fixed scales (descale_v, descale_s, scale_s, scale_o) and the amax outputs, made once, not per call
+        fixed = tuple(torch.full((1, 1, 1, 1), x, dtype=torch.float32, device=device)
+                      for x in (1.0, 1 / P_SCALE, P_SCALE, 1.0, 0.0, 0.0))
+        cache[key] = (g, (*qkv, *scales, o, amax_s, amax_o), ws, handle, fixed)
     return cache[key]
-
-
-def _scalar(x, device):
-    return torch.full((1, 1, 1, 1), x, dtype=torch.float32, device=device)
 
 
 def quantize(q, k, v):
@@ -83,11 +83,10 @@ def attend_fp8(q8, k8, v8, descale_q, descale_k):
     import cudnn
     dev = q8.device
     with torch.cuda.device(dev):  # cuDNN builds and runs on the current device
-        g, tensors, ws, handle = _graph(tuple(q8.shape), tuple(q8.stride()), dev)
+        g, tensors, ws, handle, (descale_v, descale_s, scale_s, scale_o, amax_s, amax_o) = _graph(
+            tuple(q8.shape), tuple(q8.stride()), dev)
         o8 = torch.empty_like(q8)
-        one = _scalar(1.0, dev)
-        buffers = [q8, k8, v8, descale_q, descale_k, one, _scalar(1 / P_SCALE, dev), _scalar(P_SCALE, dev), one,
-                   o8, _scalar(0.0, dev), _scalar(0.0, dev)]
+        buffers = [q8, k8, v8, descale_q, descale_k, descale_v, descale_s, scale_s, scale_o, o8, amax_s, amax_o]
         cudnn.set_stream(handle, torch.cuda.current_stream(dev).cuda_stream)
         g.execute(dict(zip(tensors, buffers)), ws, handle=handle)
     return o8

@@ -26,8 +26,8 @@ from .runner import Runner, compile_errors
 
 # load_pipeline: import the libraries in a thread while the transformer is read (else after the read), with the
 # interpreter switching threads every READ_SWITCH_INTERVAL seconds meanwhile (Python's default: 5 ms; the switch
-# is process-wide, for the read's second or so). Warm 5B start on the H200: 19.6 s, against 27.9 s after the
-# read and 23.7 s at 5 ms (bench/RESULTS.md).
+# is process-wide, for the read's second or so). Warm 5B start on the H200, three runs each: 23.6-27.6 s (median
+# 24.0), against a median of 24.6 s after the read; the read (4-5 s) is what the thread can hide (bench/RESULTS.md).
 IMPORTS_BESIDE_READ = True
 READ_SWITCH_INTERVAL = 1e-4
 # The untiled decode of 49 x 480 x 720 peaked at 15.4 GB in bf16 on the H100 (ANCHORS.md); scale from there.
@@ -397,7 +397,7 @@ class _Laps:
 
 def _imports(torchao: bool, dynamo: bool) -> None:
     """What a load needs from diffusers, transformers, torchao and Dynamo: most of a warm 5B start's seconds
-    (H200: 8-12 s), and all of it Python, holding the GIL."""
+    (15-18 s on the H200's host, after torch), and all of it Python, holding the GIL."""
     from diffusers import AutoencoderKLCogVideoX  # noqa: F401
     from transformers import AutoTokenizer, T5EncoderModel  # noqa: F401
     if torchao:

@@ -25,7 +25,6 @@ from .lora import LoraState, host_copy
 from .modes import Transforms
 
 
-
 def compile_errors() -> tuple[type[BaseException], ...]:
     """What a failed compile raises. A function, so that importing the engine does not import Dynamo (3.7 s on
     the H200's host): load_pipeline imports it in a thread beside the checkpoint's read. FailOnRecompileLimitHit

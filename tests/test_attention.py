@@ -91,10 +91,10 @@ def test_cudnn_fp8_quantization_on_the_cpu():
     """cudnn-fp8's own part, its quantization, runs anywhere: contiguous e4m3 copies of strided views, V's
     per-channel scale and mean undone exactly, and the softmax of the dequantized inputs within the fp8 bound
     on realistic inputs (the cuDNN call itself needs a Hopper GPU: tests/test_kernels_attention.py)."""
-    from bench.kernels import realistic_qkv
+    from bench.kernels import as_projection_views, realistic_qkv
     from engine import attention_cudnn as ac
-    qkv = torch.stack(realistic_qkv(2, 3, 263, 64, seed=2), 2)  # (B, H, 3, N, d)
-    q, k, v = qkv.permute(0, 3, 2, 1, 4).contiguous().permute(0, 3, 2, 1, 4).unbind(2)  # views, stored (B, N, 3, H, d)
+    q, k, v = as_projection_views(*realistic_qkv(2, 3, 263, 64, seed=2))
+    assert not q.is_contiguous()
     q8, k8, v8, dq, dk, v_scale, v_mean = ac.quantize(q, k, v)
     assert all(t.dtype == ac.FP8 and t.is_contiguous() and t.shape == q.shape for t in (q8, k8, v8))
     assert v8.float().abs().amax(dim=2).min() == ac.FP8_MAX  # every channel spans the whole range

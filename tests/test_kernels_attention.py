@@ -8,7 +8,7 @@ from kernels import attention as fa  # noqa: E402
 
 from engine import attention  # noqa: E402
 
-from bench.kernels import quantize_rows, realistic_qkv, sampled_error  # noqa: E402
+from bench.kernels import as_projection_views, quantize_rows, realistic_qkv, sampled_error  # noqa: E402
 from tests.kernel_cases import DEV, DTYPES, transformer_case  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
@@ -197,10 +197,7 @@ def test_cudnn_fp8_on_realistic_inputs():
     for heads, N in [(30, 17550 + 226), (3, 226 + 37)]:
         q, k, v = realistic_qkv(2, heads, N, 64, seed=N, device=DEV, dtype=torch.bfloat16)
         assert sampled_error(attention.attend(q, k, v, "cudnn-fp8"), q, k, v) < 3e-2
-    # views of one (B, N, 3, H, d) projection, as the block passes them
-    qkv = torch.stack(realistic_qkv(2, 3, 263, 64, seed=2, device=DEV, dtype=torch.bfloat16), 2)  # (B, H, 3, N, d)
-    qkv = qkv.permute(0, 3, 2, 1, 4).contiguous().permute(0, 3, 2, 1, 4)  # same values, stored (B, N, 3, H, d)
-    q, k, v = qkv.unbind(2)  # (B, H, N, d) each, not contiguous
+    q, k, v = as_projection_views(*realistic_qkv(2, 3, 263, 64, seed=2, device=DEV, dtype=torch.bfloat16))
     assert not q.is_contiguous()
     assert sampled_error(attention.attend(q, k, v, "cudnn-fp8"), q, k, v) < 3e-2
 
