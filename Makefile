@@ -17,12 +17,15 @@ $(STAMP): $(PY) pyproject.toml
 		echo "no nvidia-smi: installing the CPU build of torch (and the Triton its kernel tests interpret)"; \
 		$(PY) -m pip install -q torch==2.13.0 triton==3.6.0; \
 	fi
+	rm -rf cogrt.egg-info  # an old layout's metadata here would shadow the installed entry points
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# lint-imports checks the layers (pyproject.toml's contracts) before the suite runs
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q --timeout=900
 
 # The demo runs the bundled tiny model (models/cogrt-tiny); without it, a random-weight one from the presets.

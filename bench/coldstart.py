@@ -1,7 +1,7 @@
 """Cold and warm start: seconds from process start to the first denoising step done, in a fresh process.
 
-    python -m bench.coldstart --preset cogvideox-5b --mode fp8 --json coldstart.json --results bench/RESULTS.md
-    python -m bench.coldstart --device cpu --preset tiny-5b --mode exact --compile --frames 9 --height 64 --width 64
+    python -m cogrt.bench.coldstart --preset cogvideox-5b --mode fp8 --json coldstart.json --results bench/RESULTS.md
+    python -m cogrt.bench.coldstart --device cpu --preset tiny-5b --mode exact --compile --frames 9 --height 64 --width 64
 
 The parent starts this module twice as a child process with one compile cache directory (fresh unless
 `--cache-dir` names an empty one): the first run finds it empty (cold), the second finds what the first wrote
@@ -61,11 +61,11 @@ def child(a) -> dict:
         from transformers import T5EncoderModel  # noqa: F401
         lap("transformers")
 
-    import engine.pipeline
-    from bench.components import engine_transformer, environment, random_components, weights_note
-    from bench.modes import SIZES
-    from engine import modes
-    from engine.model import PRESETS
+    from cogrt.engine import pipeline as engine_pipeline
+    from cogrt.bench.components import engine_transformer, environment, random_components, weights_note
+    from cogrt.bench.modes import SIZES
+    from cogrt.engine import modes
+    from cogrt.engine.model import PRESETS
     lap("engine")
     marks["imports"] = time.time() - start
     dev = torch.device(a.device)
@@ -73,10 +73,9 @@ def child(a) -> dict:
     t = time.time()
     transforms = modes.transforms_for(a.mode, dev, compile=a.compile)
     if a.model:
-        pipeline_settings(a.imports, a.switch_interval)
-        pipe = engine.pipeline.load_pipeline(a.model, dev, dtype, mode=a.mode, cache_dir=a.cache_dir,
+        pipe = engine_pipeline.load_pipeline(a.model, dev, dtype, mode=a.mode, cache_dir=a.cache_dir,
                                              compile=a.compile)
-        from engine.random_model import T5_XXL
+        from cogrt.engine.random_model import T5_XXL
         t5 = pipe.text_encoder.config
         xxl = all(getattr(t5, k) == T5_XXL[k] for k in ("num_layers", "d_model", "d_ff", "num_heads"))
         cfg, weights = pipe.cfg, (f"the checkpoint in {a.model} (its T5: {t5.num_layers} layers of width "
@@ -86,7 +85,7 @@ def child(a) -> dict:
         c = random_components(a.preset, dev, dtype, a.seed, a.real_vae_t5 or False)
         ours = engine_transformer(c.transformer, cfg, dtype, copy=False)
         c.transformer = None  # our module holds the weights now
-        pipe = engine.pipeline.assemble(ours, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, dev, dtype,
+        pipe = engine_pipeline.assemble(ours, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, dev, dtype,
                                         a.mode, transforms, cache_dir=a.cache_dir)
         weights = weights_note(cfg, a.real_vae_t5 or False)
     if dev.type == "cuda":
@@ -105,25 +104,14 @@ def child(a) -> dict:
     return dict(environment(dev), preset=a.model or a.preset, mode=a.mode, transforms=pipe.transforms.describe(),
                 frames=f, height=h, width=w, weights=weights, stages=marks, imports=imports,
                 load=pipe.load_timings, compile_counters=caches,
-                imports_beside_read=engine.pipeline.IMPORTS_BESIDE_READ,
-                read_switch_interval=engine.pipeline.READ_SWITCH_INTERVAL,
                 compiled=pipe.runner.compiled,
                 total_to_first_step=end - marks["decode"] - start, total_to_first_video=end - start)
-
-
-def pipeline_settings(imports: str | None, switch_interval: float | None) -> None:
-    """--imports and --switch-interval over engine.pipeline's defaults; unset, the defaults stay (a server's)."""
-    import engine.pipeline
-    if imports:
-        engine.pipeline.IMPORTS_BESIDE_READ = imports == "beside"
-    if switch_interval:
-        engine.pipeline.READ_SWITCH_INTERVAL = switch_interval
 
 
 def child_argv(a) -> list[str]:
     out = ["--preset", a.preset, "--mode", a.mode, "--device", a.device, "--seed", str(a.seed),
            "--cache-dir", a.cache_dir]
-    for name in ("frames", "height", "width", "model", "imports", "switch_interval"):
+    for name in ("frames", "height", "width", "model"):
         if getattr(a, name):
             out += [f"--{name.replace('_', '-')}", str(getattr(a, name))]
     for name in ("compile", "real_vae_t5"):
@@ -136,7 +124,7 @@ def spawn(a, label: str) -> dict:
     cache = Path(a.cache_dir)
     # set before the child's interpreter starts, so that nothing it imports finds another cache
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
-    cmd = [sys.executable, "-m", "bench.coldstart", "--child", *child_argv(a), "--spawn-time", repr(time.time())]
+    cmd = [sys.executable, "-m", "cogrt.bench.coldstart", "--child", *child_argv(a), "--spawn-time", repr(time.time())]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=a.timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -157,10 +145,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: the mode's (on for CUDA)")
     ap.add_argument("--real-vae-t5", action=argparse.BooleanOptionalAction, help="default: the tiny ones")
     ap.add_argument("--model", help="a checkpoint directory: time its load instead of building random weights")
-    ap.add_argument("--imports", choices=["beside", "after"], help="--model: import the libraries in a thread "
-                    "beside the read (default) or after it (engine.pipeline.IMPORTS_BESIDE_READ)")
-    ap.add_argument("--switch-interval", type=float, help="--model, beside: the interpreter's thread switch "
-                    "interval during the read (default engine.pipeline.READ_SWITCH_INTERVAL)")
     ap.add_argument("--cache-dir", help="an empty directory for the compile cache (default: a fresh one)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed to each child")
     ap.add_argument("--json")
@@ -185,11 +169,11 @@ def main(argv=None) -> dict:
                   f"in fp8); stages {json.dumps(r['stages'])}; imports {json.dumps(r['imports'])}; "
                   f"compile caches {json.dumps(r['compile_counters'])}", flush=True)
     meta = {k: v for k, v in runs["cold"].items() if k not in ("stages", "total_to_first_step", "total_to_first_video")}
-    meta.update(command="python -m bench.coldstart " + shlex.join(argv), targets=TARGETS, runs=runs)
+    meta.update(command="python -m cogrt.bench.coldstart " + shlex.join(argv), targets=TARGETS, runs=runs)
     if a.json:
         Path(a.json).write_text(json.dumps(meta, indent=2))
     if a.results:
-        from bench.components import append_results
+        from cogrt.bench.components import append_results
         note = "From the spawn of a fresh process to the first denoising step; the warm start reuses the cold compile."
         if not a.model:
             note += " The random weights are built on the device: no checkpoint read is timed."

@@ -23,7 +23,23 @@ from pathlib import Path
 
 import torch
 
-from engine.model import PRESETS, ModelConfig
+from cogrt.engine.model import PRESETS, ModelConfig
+
+
+def diffusers_rope(cfg: ModelConfig, frames: int, height: int, width: int, device=None):
+    """The RoPE tables for latents of frames x height x width (latent units, 1.5's padding included), exactly as
+    diffusers' CogVideoX pipelines build them from their own functions, independent of our model file."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+    p, pt = cfg.patch_size, cfg.patch_size_t
+    h, w = height // p, width // p
+    base_h, base_w = cfg.sample_height // p, cfg.sample_width // p
+    if pt is None:
+        crops = get_resize_crop_region_for_grid((h, w), base_w, base_h)
+        return get_3d_rotary_pos_embed(cfg.head_dim, crops, (h, w), frames, device=device)
+    return get_3d_rotary_pos_embed(cfg.head_dim, None, (h, w), frames // pt, grid_type="slice",
+                                   max_size=(base_h, base_w), device=device)
+
 
 @dataclass
 class Components:
@@ -64,7 +80,7 @@ def random_vae(cfg: ModelConfig, real: bool):
 
 
 def scheduler_config(cfg: ModelConfig) -> dict:
-    from engine.random_model import write_scheduler
+    from cogrt.engine.random_model import write_scheduler
     with tempfile.TemporaryDirectory() as d:  # the released config, as write_scheduler saves it
         write_scheduler(d, cfg)
         return json.loads((Path(d) / "scheduler_config.json").read_text())
@@ -83,7 +99,7 @@ def random_components(preset: str, device, dtype: torch.dtype, seed: int = 0,
     real-size VAE and T5-XXL over the tiny ones."""
     from transformers import ByT5Tokenizer
 
-    from engine.random_model import random_t5
+    from cogrt.engine.random_model import random_t5
     cfg = PRESETS[preset]
     real = is_real(cfg) if real_vae_t5 is None else real_vae_t5
     if real and not is_real(cfg):
@@ -100,7 +116,7 @@ def engine_transformer(diffusers_transformer, cfg: ModelConfig, dtype: torch.dty
     """Our transformer with the diffusers one's weights. `copy=False` shares every tensor but the fused qkv, so
     drop the diffusers module afterwards; with `copy=True` the two are independent (LoRA switching and
     quantization write into our weights)."""
-    from engine.loader import build_transformer, to_engine_state_dict
+    from cogrt.engine.loader import build_transformer, to_engine_state_dict
     sd = {k: v.clone() if copy else v for k, v in diffusers_transformer.state_dict().items()}
     return build_transformer(cfg, to_engine_state_dict(sd, cfg), dtype)
 

@@ -5,7 +5,7 @@ real-size CogVideoX VAE with random weights (no checkpoint here); the latents ar
 Each setting's first call is timed apart (it includes cuDNN's search when benchmark is on), then the median of
 `--iters` calls after it, with CUDA events; peak memory is over those calls.
 
-    python -m bench.decode --json decode.json
+    python -m cogrt.bench.decode --json decode.json
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def main(argv=None):
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
-    from bench.components import building, environment, random_vae
-    from bench.step import cuda_times
-    from engine.model import PRESETS
+    from cogrt.bench.components import building, environment, random_vae
+    from cogrt.kernels.measure import cuda_times, rel_err
+    from cogrt.engine.model import PRESETS
     cfg = PRESETS[args.preset]
     dev, dt = torch.device("cuda"), torch.bfloat16
     with building(dev, dt, 0):
@@ -53,13 +53,13 @@ def main(argv=None):
                 ms = statistics.median(cuda_times(lambda: vae.decode(z).sample, 0, args.iters))
                 peak = torch.cuda.max_memory_allocated() / 2**30
             ref = out if ref is None else ref
-            err = ((out - ref).norm() / ref.norm()).item()
+            err = rel_err(out, ref)
             row = dict(tiled=tiled, cudnn_benchmark=bench, first_s=first, first_peak_gib=first_peak, s=ms / 1e3,
                        peak_gib=peak, rel_err_vs_first_row=err)
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = dict(environment(dev), preset=args.preset, latent=[f, h, w], weights="random (real-size VAE)",
-                command=" ".join(["python -m bench.decode", *(sys.argv[1:] if argv is None else argv)]), rows=rows)
+                command=" ".join(["python -m cogrt.bench.decode", *(sys.argv[1:] if argv is None else argv)]), rows=rows)
     print("\n| decode | cudnn.benchmark | first call s | its peak GiB | s (median) | peak GiB | "
           "rel err vs tiled, no search |")
     print("|---|---|---|---|---|---|---|")

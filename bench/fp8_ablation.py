@@ -3,7 +3,7 @@ attention, the int8 T5, torchao's fast fp8 accumulation, or the first and last b
 one choice changed (or `exact` with one transform switched on); PSNR of the frames against `exact`, same prompts
 and seeds as bench/quality.py, every pipeline eager. Needs an fp8 GPU.
 
-    python -m bench.fp8_ablation --n 32
+    python -m cogrt.bench.fp8_ablation --n 32
 """
 from __future__ import annotations
 
@@ -14,26 +14,25 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = {  # name -> (load_pipeline transforms, engine.quant settings)
-    "fp8": (dict(mode="fp8"), {}),
-    "fp8, fp32 accumulation": (dict(mode="fp8"), {"FP8_FAST_ACCUM": False}),
-    "fp8, first and last blocks bf16": (dict(mode="fp8"), {"KEEP_BLOCKS": (0, -1)}),
-    "fp8, bf16 attention": (dict(mode="fp8", attention="triton"), {}),
-    "fp8, bf16 T5": (dict(mode="fp8", text_encoder="full"), {}),
-    "fp8 linear layers only": (dict(mode="fp8", attention="triton", text_encoder="full"), {}),
-    "exact + fp8 attention only": (dict(mode="exact", attention="triton-fp8"), {}),
+VARIANTS = {  # name -> load_pipeline's mode and transforms
+    "fp8": dict(mode="fp8"),
+    "fp8, fp32 accumulation": dict(mode="fp8", fp8_fast_accum=False),
+    "fp8, first and last blocks bf16": dict(mode="fp8", keep_blocks=(0, -1)),
+    "fp8, bf16 attention": dict(mode="fp8", attention="triton"),
+    "fp8, bf16 T5": dict(mode="fp8", text_encoder="full"),
+    "fp8 linear layers only": dict(mode="fp8", attention="triton", text_encoder="full"),
+    "exact + fp8 attention only": dict(mode="exact", attention="triton-fp8"),
 }
 
 
 def main(argv=None) -> dict:
-    from bench.quality import MODEL, psnr
-    from engine import quant
-    from engine.pipeline import load_pipeline
-    from train.synthetic import caption, sample_scenes
+    from cogrt.bench.quality import MODEL, psnr
+    from cogrt.engine.pipeline import load_pipeline
+    from cogrt.train.synthetic import caption, sample_scenes
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(MODEL))
-    # 8 prompts gave 29.1 dB where 32 gave 31.5 (H200): a prompt's PSNR spreads by ~3.7 dB, so 8 leave ~1.3 dB
-    # of standard error, more than the choices weighed here differ by
+    # a prompt's PSNR spreads by dB, so 8 prompts leave more standard error than the choices weighed here differ
+    # by (bench/RESULTS.md, "fp8 on the tiny model: which choice costs quality")
     ap.add_argument("--n", type=int, default=32, help="held-out prompts")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--variants", default=";".join(VARIANTS), help="names from VARIANTS, separated by ';'")
@@ -43,24 +42,23 @@ def main(argv=None) -> dict:
     prompts = [caption(s) for s in sample_scenes(a.n, 7, "heldout")]
     kw = dict(num_frames=49, guidance_scale=6.0, num_inference_steps=a.steps)
 
-    def videos(transforms, settings):
-        with quant.overrides(**settings):
-            # eager: compiling changes no rounding here, and saves a compile per variant
-            pipe = load_pipeline(a.model, compile=False, **transforms)
+    def videos(transforms):
+        # eager: compiling changes no rounding here, and saves a compile per variant
+        pipe = load_pipeline(a.model, compile=False, **transforms)
         return [pipe.generate(p, seed=i, **kw).frames for i, p in enumerate(prompts)]
 
-    ref, out, per_prompt = videos({}, {}), {}, {}
+    ref, out, per_prompt = videos({}), {}, {}
     for name in a.variants.split(";"):
-        x = videos(*VARIANTS[name])
+        x = videos(VARIANTS[name])
         per_prompt[name] = [psnr(r, v) for r, v in zip(ref, x)]
         out[name] = float(np.mean(per_prompt[name]))
         print(f"{name:34s} PSNR {out[name]:.1f} dB against exact (per prompt: "
               f"{' '.join(f'{p:.1f}' for p in per_prompt[name])})", flush=True)
     if a.json:
-        from bench.components import environment
+        from cogrt.bench.components import environment
         import torch
         meta = dict(environment(torch.device("cuda")), n=a.n, steps=a.steps, psnr_mean=out,
-                    psnr_per_prompt=per_prompt, command="python -m bench.fp8_ablation " + " ".join(argv or []))
+                    psnr_per_prompt=per_prompt, command="python -m cogrt.bench.fp8_ablation " + " ".join(argv or []))
         Path(a.json).write_text(json.dumps(meta, indent=2))
     return out
 

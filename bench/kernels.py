@@ -10,7 +10,7 @@
 Times are `triton.testing.do_bench` medians after warm-up. Inputs are random (never zeros), with the
 outlier channels and offsets of trained models (see `realistic_qkv`).
 
-    python -m bench.kernels --sweep --json kernels.json --markdown kernels.md
+    python -m cogrt.bench.kernels --sweep --json kernels.json --markdown kernels.md
 """
 from __future__ import annotations
 
@@ -21,50 +21,13 @@ import subprocess
 
 import torch
 
+from cogrt.kernels.measure import realistic_qkv, sampled_error
+
 SHAPES = {  # name: (B, H, N, d) with CFG's batch of 2; N = video tokens + 226 text tokens
     "5B 49x480x720": (2, 48, 17550 + 226, 64),
     "2B 49x480x720": (2, 30, 17550 + 226, 64),
     "1.5-5B 81x768x1360": (2, 48, 44880 + 226, 64),
 }
-
-
-def realistic_qkv(B, H, N, d, seed=0, outliers=4.0, k_offset=2.0, device="cpu", dtype=torch.float32):
-    """q and k as CogVideoX's QK LayerNorm leaves them: unit-variance rows times learned per-channel weights,
-    a few of them outliers, plus a bias that gives K a large per-channel offset; v with per-channel means."""
-    g = torch.Generator(device).manual_seed(seed)
-
-    def normed(weight_outlier, bias_scale):
-        w = torch.ones(H, 1, d, device=device)
-        w[..., torch.randperm(d, generator=g, device=device)[:3]] = weight_outlier
-        x = torch.nn.functional.layer_norm(torch.randn(B, H, N, d, generator=g, device=device), (d,))
-        return x * w * 1.5 + bias_scale * torch.randn(H, 1, d, generator=g, device=device)
-    q, k = normed(outliers, 0.3), normed(outliers ** 0.5, k_offset)
-    v = torch.randn(B, H, N, d, generator=g, device=device) + 2 * torch.randn(1, H, 1, d, generator=g, device=device)
-    return [t.to(dtype) for t in (q, k, v)]
-
-
-def as_projection_views(q, k, v):
-    """The same q, k, v (B, H, N, d) as strided views of one (B, N, 3, H, d) tensor, as the block passes them
-    (views of its fused qkv projection)."""
-    qkv = torch.stack([q, k, v], 2)  # (B, H, 3, N, d)
-    return qkv.permute(0, 3, 2, 1, 4).contiguous().permute(0, 3, 2, 1, 4).unbind(2)
-
-
-def quantize_rows(q):
-    """q -> int8 with one scale per row (B, H, N), as kernels.qk.qk_norm_rope_q8 writes it for the attention."""
-    qs = q.float().abs().amax(-1).clamp_min(1e-12) / 127
-    z = q.float() / qs[..., None]
-    return torch.trunc(z + torch.where(z >= 0, 0.5, -0.5)).to(torch.int8), qs  # half away from zero
-
-
-def sampled_error(out, q, k, v, rows: int = 256) -> float:
-    """‖out − exact‖ / ‖exact‖ over a fixed sample of query rows, exact = fp32 math."""
-    idx = torch.randperm(q.shape[2], generator=torch.Generator().manual_seed(0))[:rows].to(q.device)
-    qs = q[:, :, idx].float()
-    p = torch.softmax(qs @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
-    want = p @ v.float()
-    got = out[:, :, idx].float()
-    return ((got - want).norm() / want.norm()).item()
 
 
 def bench_ms(fn, rep: int = 300) -> float:
@@ -81,8 +44,8 @@ def copy_bandwidth() -> float:
 
 
 def attention_rows(shape_name, backends, qk_fp8: bool):
-    from engine import attention
-    from kernels import attention as fa
+    from cogrt.engine import attention
+    from cogrt.kernels import attention as fa
     B, H, N, d = SHAPES[shape_name]
     q, k, v = realistic_qkv(B, H, N, d, seed=1, device="cuda", dtype=torch.bfloat16)
     flops = 4 * B * H * N * N * d
@@ -93,10 +56,8 @@ def attention_rows(shape_name, backends, qk_fp8: bool):
     runs = [(name, (lambda n=name: attention.attend(q, k, v, n)), same) for name in backends]
     if qk_fp8:
         runs.append(("triton-fp8 (e4m3 Q·Kᵀ)", lambda: fa.sage_attention(q, k, v, "fp8"), same))
-        q8, qs = quantize_rows(q)  # done by the QK prologue when attention.FUSE_Q_QUANT is on
-        runs.append(("triton-fp8 (int8 q from the QK prologue)", lambda: fa.sage_attention_q8(q8, qs, k, v), same))
     if "cudnn-fp8" in backends:  # cuDNN's kernel alone, on inputs quantized beforehand
-        from engine import attention_cudnn as ac
+        from cogrt.engine import attention_cudnn as ac
         fp8_inputs = ac.quantize(q, k, v)  # q8, k8, v8, descale_q, descale_k, v_scale, v_mean
         vs, vm = fp8_inputs[5:]
         runs.append(("cudnn-fp8 (kernel only)", lambda: ac.attend_fp8(*fp8_inputs[:5]),
@@ -127,46 +88,30 @@ SWEEP = {
 }
 
 
-VARIANTS = {  # name -> the kernel module's switches (FAST_EXP, WARP_SPECIALIZE, MAGIC_I2F)
-    "default": (False, False, False),
-    "mantissa trick": (False, False, True),  # the int8 scores converted on the FMA pipe (fp8 kernel only)
-    "packed exp": (True, False, False),
-    "warp-specialized": (False, True, False),
-}
-FP8_ONLY = ("mantissa trick",)
-
-
-def sweep_rows(variants=None):
-    """Each tile configuration with each variant of the kernel, at the 5B shape."""
-    from kernels import attention as fa
+def sweep_rows():
+    """Each tile configuration of each kernel, at the 5B shape."""
+    from cogrt.kernels import attention as fa
     B, H, N, d = SHAPES["5B 49x480x720"]
     q, k, v = realistic_qkv(B, H, N, d, seed=1, device="cuda", dtype=torch.bfloat16)
     flops = 4 * B * H * N * N * d
     rows = []
-    defaults = fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.MAGIC_I2F
     for kernel, configs in SWEEP.items():
-        for label in variants or VARIANTS:
-            if label in FP8_ONLY and kernel != "triton-fp8":
+        for cfg in configs:
+            fn = (lambda c=cfg: fa._sage(q, k, v, "int8", c)) if kernel == "triton-fp8" else \
+                (lambda c=cfg: fa._flash(q, k, v, c))
+            try:
+                err = sampled_error(fn(), q, k, v)
+                ms = bench_ms(fn, rep=100)
+            except Exception as e:  # e.g. out of shared memory for this tile size
+                print(f"sweep {kernel} {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
-            fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.MAGIC_I2F = VARIANTS[label]
-            for cfg in configs:
-                fn = (lambda c=cfg: fa._sage(q, k, v, "int8", c)) if kernel == "triton-fp8" else \
-                    (lambda c=cfg: fa._flash(q, k, v, c))
-                try:
-                    err = sampled_error(fn(), q, k, v)
-                    ms = bench_ms(fn, rep=100)
-                except Exception as e:  # e.g. out of shared memory for this tile size
-                    print(f"sweep {kernel}{label} {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                name = kernel + ("" if label == "default" else f" ({label})")
-                rows.append(dict(kernel=name, config=cfg, ms=ms, tflops=flops / ms / 1e9, rel_err=err))
-                print(f"sweep {name:32s} {cfg} {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s err {err:.2e}", flush=True)
-    fa.FAST_EXP, fa.WARP_SPECIALIZE, fa.MAGIC_I2F = defaults
+            rows.append(dict(kernel=kernel, config=cfg, ms=ms, tflops=flops / ms / 1e9, rel_err=err))
+            print(f"sweep {kernel:32s} {cfg} {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s err {err:.2e}", flush=True)
     return rows
 
 
 def prologue_sweep():
-    from kernels import qk
+    from cogrt.kernels import qk
     B, Nt, H, d = 2, 226, 48, 64
     qkv = torch.randn(B, Nt + 17550, 3 * H * d, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(d, device="cuda", dtype=torch.bfloat16)
@@ -174,17 +119,16 @@ def prologue_sweep():
     best = None
     for bt in (1, 2, 4, 8):
         for warps in (2, 4, 8):
-            qk.BLOCK_T, qk.NUM_WARPS = bt, warps
-            ms = bench_ms(lambda: qk.qk_norm_rope(qkv, H, Nt, w, w, w, w, cos, sin, 1e-6), rep=100)
+            ms = bench_ms(lambda: qk.launch(qkv, H, Nt, w, w, w, w, cos, sin, 1e-6, bt, warps), rep=100)
             print(f"sweep QK prologue BLOCK_T={bt} warps={warps}: {ms:.3f} ms", flush=True)
             best = min(best or (ms, bt, warps), (ms, bt, warps))
-    qk.BLOCK_T, qk.NUM_WARPS = best[1], best[2]
-    print(f"QK prologue: using BLOCK_T={best[1]} warps={best[2]}", flush=True)
+    print(f"QK prologue: best BLOCK_T={best[1]} warps={best[2]} (kernels/qk.py has BLOCK_T={qk.BLOCK_T} "
+          f"warps={qk.NUM_WARPS})", flush=True)
 
 
 def adaln_sweep():
     """Rows per program and warps for adaln_modulate, at the 5B shape."""
-    from kernels import adaln
+    from cogrt.kernels import adaln
     B, Nv, Nt, D = 2, 17550, 226, 3072
     x = torch.randn(B, Nv, D, device="cuda", dtype=torch.bfloat16)
     c = torch.randn(B, Nt, D, device="cuda", dtype=torch.bfloat16)
@@ -193,23 +137,22 @@ def adaln_sweep():
     best = None
     for rows in (1, 2, 4, 8):
         for warps in (4, 8, 16):
-            adaln.ROWS, adaln.NUM_WARPS = rows, warps
-            ms = bench_ms(lambda: adaln.adaln_modulate(x, c, w, w, mod, 1e-5), rep=100)
+            ms = bench_ms(lambda: adaln.launch_modulate(x, c, w, w, mod, 1e-5, rows, warps), rep=100)
             print(f"sweep adaLN ROWS={rows} warps={warps}: {ms:.3f} ms", flush=True)
             best = min(best or (ms, rows, warps), (ms, rows, warps))
-    adaln.ROWS, adaln.NUM_WARPS = best[1], best[2]
-    print(f"adaLN: using ROWS={best[1]} warps={best[2]}", flush=True)
+    print(f"adaLN: best ROWS={best[1]} warps={best[2]} (kernels/adaln.py has ROWS={adaln.ROWS} "
+          f"warps={adaln.NUM_WARPS})", flush=True)
 
 
 def rope_tables():
     """The 5B RoPE tables at 49 x 480 x 720 (13 x 30 x 45 patches), as the QK prologue takes them."""
-    from engine.model import PRESETS, rope_3d
+    from cogrt.engine.model import PRESETS, rope_3d
     return [t.float().contiguous() for t in rope_3d(PRESETS["cogvideox-5b"], 13, 30, 45, "cuda")]
 
 
 def fused_rows(bandwidth: float):
     """The 5B block's memory-bound passes: kernel vs the native code, B=2, 17,550 video + 226 text tokens."""
-    from kernels import adaln, qk
+    from cogrt.kernels import adaln, qk
     B, Nv, Nt, D, H = 2, 17550, 226, 3072, 48
     d = D // H
     dev, dt = "cuda", torch.bfloat16
@@ -268,7 +211,6 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names from SHAPES")
     ap.add_argument("--sweep", action="store_true", help="sweep the attention kernel's tile configurations")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="kernel variants to sweep, from VARIANTS")
     ap.add_argument("--no-fused", action="store_true")
     ap.add_argument("--sweep-fused", action="store_true", help="sweep the fused passes' launch settings first")
     ap.add_argument("--json", default=None)
@@ -277,7 +219,7 @@ def main(argv=None):
 
     import triton
 
-    from engine import attention
+    from cogrt.engine import attention
     commit = os.environ.get("COGRT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "?"
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, commit=commit,
@@ -290,7 +232,7 @@ def main(argv=None):
         meta.update(cudnn=cudnn.backend_version(), cudnn_frontend=cudnn.__version__)
         print(f"cuDNN {cudnn.backend_version()} (torch's: {torch.backends.cudnn.version()}), "
               f"frontend {cudnn.__version__}", flush=True)
-    sweep = sweep_rows(args.variants.split(",")) if args.sweep else []
+    sweep = sweep_rows() if args.sweep else []
     if (args.sweep or args.sweep_fused) and not args.no_fused:
         prologue_sweep()
         adaln_sweep()

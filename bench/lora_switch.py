@@ -1,7 +1,7 @@
 """LoRA switch time: how long our runner takes to make another LoRA set the fused one (pipe.runner.switch_loras).
 
-    python -m bench.lora_switch --preset cogvideox-5b --mode fp8 --json lora.json --results bench/RESULTS.md
-    python -m bench.lora_switch --device cpu --preset tiny-5b --mode int8-weight-only --rank 4
+    python -m cogrt.bench.lora_switch --preset cogvideox-5b --mode fp8 --json lora.json --results bench/RESULTS.md
+    python -m cogrt.bench.lora_switch --device cpu --preset tiny-5b --mode int8-weight-only --rank 4
 
 Two random rank-`--rank` attention LoRAs (to_q, to_k, to_v, to_out.0 of every block) are written with
 save_lora_file and read once (a request reads its files before it waits for the pipeline). Then, `--repeats`
@@ -29,7 +29,7 @@ SWITCHES = ("none->A", "A->A", "A->B", "B->none")
 
 
 def random_lora(path: Path, cfg, rank: int, seed: int) -> Path:
-    from engine.lora import save_lora_file
+    from cogrt.engine.lora import save_lora_file
     g = torch.Generator().manual_seed(seed)
     d = cfg.dim
     pairs = {f"transformer_blocks.{i}.attn1.{m}": (torch.randn(rank, d, generator=g) / d**0.5,
@@ -64,14 +64,14 @@ def main(argv=None) -> dict:
 
 
 def run(a, argv, tmp: Path) -> dict:
-    from bench.components import append_results, engine_transformer, environment, random_components, weights_note
-    from engine import modes
-    from engine.lora import lora_key, read_lora
-    from engine.pipeline import assemble
+    from cogrt.bench.components import append_results, engine_transformer, environment, random_components, weights_note
+    from cogrt.engine import modes
+    from cogrt.engine.lora import lora_key, read_lora
+    from cogrt.engine.pipeline import assemble
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if a.model:
-        from engine.pipeline import load_pipeline
+        from cogrt.engine.pipeline import load_pipeline
         pipe = load_pipeline(a.model, dev, dtype, mode=a.mode, cache_dir=tmp / "compile")
         cfg, weights = pipe.cfg, f"the checkpoint in {a.model}; originals read from it at the first switch"
     else:
@@ -102,7 +102,7 @@ def run(a, argv, tmp: Path) -> dict:
     meta = dict(environment(dev), preset=a.preset, mode=a.mode, transforms=pipe.transforms.describe(), rank=a.rank,
                 repeats=a.repeats, weights=weights, layers_rewritten=layers,
                 lora_file_mib=paths["A"].stat().st_size / 2**20, target_s=TARGET_S,
-                command="python -m bench.lora_switch " + shlex.join(argv),
+                command="python -m cogrt.bench.lora_switch " + shlex.join(argv),
                 switches={s: dict(median_s=statistics.median(v), samples_s=v) for s, v in times.items()})
     rows = ["| switch | median s | samples s | target s |", "|---|---|---|---|"]
     for s, r in meta["switches"].items():

@@ -1,8 +1,8 @@
 """diffusers against each of our modes, in one process on one GPU, with the same random weights, prompt (so T5
 embeddings) and initial noise (one CPU generator seed, drawn the same way) for every row.
 
-    python -m bench.modes --preset cogvideox-5b --json modes-5b.json --results bench/RESULTS.md
-    python -m bench.modes --device cpu --preset tiny-5b --frames 9 --height 64 --width 64 --steps 2   # smoke run
+    python -m cogrt.bench.modes --preset cogvideox-5b --json modes-5b.json --results bench/RESULTS.md
+    python -m cogrt.bench.modes --device cpu --preset tiny-5b --frames 9 --height 64 --width 64 --steps 2   # smoke run
 
 Rows (`--rows`); `diffusers` always runs, first, since every ratio is against it in the same run:
 `diffusers` (CogVideoXPipeline, eager, bf16: the baseline); `diffusers-compile` (each block compiled, fullgraph);
@@ -41,14 +41,15 @@ import time
 
 import torch
 
-from engine import modes
-from engine.model import PRESETS
+from cogrt.engine import modes
+from cogrt.engine.model import PRESETS
+from cogrt.kernels.measure import rel_err
 
 DIFFUSERS_ROWS = ("diffusers", "diffusers-compile", "diffusers-torchao-fp8-compile")
 # fp8 with its choices changed, to weigh them (engine/quant.py): the first and last blocks in bf16, and fp32
 # accumulation instead of Hopper's fast one
-VARIANT_ROWS = {"fp8-keep-ends": ("fp8", {"KEEP_BLOCKS": (0, -1)}),
-                "fp8-fp32-accum": ("fp8", {"FP8_FAST_ACCUM": False})}
+VARIANT_ROWS = {"fp8-keep-ends": ("fp8", {"keep_blocks": (0, -1)}),
+                "fp8-fp32-accum": ("fp8", {"fp8_fast_accum": False})}
 ROWS = DIFFUSERS_ROWS + modes.MODES + tuple(VARIANT_ROWS)
 SIZES = {"cogvideox-2b": (49, 480, 720), "cogvideox-5b": (49, 480, 720), "cogvideox1.5-5b": (81, 768, 1360)}
 PROMPT = "a panda playing guitar in a bamboo forest, sunlight through the leaves"
@@ -71,30 +72,19 @@ def skip_reason(row: str, dev: torch.device) -> str | None:
     return None
 
 
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x - ref).norm() / ref.norm()).item()
-
-
 def lap(dev: torch.device, since: float) -> float:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return time.perf_counter() - since
 
 
-def latent_frames(cfg, frames: int) -> tuple[int, int]:
-    """Latent frames padded to the temporal patch (1.5), and how many leading ones are padding."""
-    n = (frames - 1) // 4 + 1
-    extra = (-n) % cfg.patch_size_t if cfg.patch_size_t else 0
-    return n + extra, extra
-
-
 def reference(a, dev, dtype):
     """The one input every row's transformer sees (a CFG batch at the benchmark size), and our `exact`
     transforms' output on it with compile off: what every row's error is measured against."""
-    from bench.components import engine_transformer, random_transformer
-    from engine.runner import Runner
+    from cogrt.bench.components import engine_transformer, random_transformer
+    from cogrt.engine.runner import Runner
     cfg, g = PRESETS[a.preset], torch.Generator().manual_seed(a.seed + 100)
-    x = torch.randn(2, latent_frames(cfg, a.frames)[0], cfg.in_channels, a.height // 8, a.width // 8, generator=g)
+    x = torch.randn(2, cfg.latent_frames(a.frames)[0], cfg.in_channels, a.height // 8, a.width // 8, generator=g)
     text = torch.randn(2, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g)
     # as the pipelines pass it, an int64 timestep expanded to the batch: a compiled diffusers model does not recompile
     t = torch.tensor(999, dtype=torch.long, device=dev).expand(2)
@@ -113,7 +103,7 @@ def reference(a, dev, dtype):
 def diffusers_row(row, c, a, dev, dtype):
     import diffusers
 
-    from bench.step import diffusers_rope
+    from cogrt.bench.components import diffusers_rope
     tr, cfg = c.transformer, c.cfg
     if row == "diffusers-torchao-fp8-compile":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
@@ -133,8 +123,8 @@ def diffusers_row(row, c, a, dev, dtype):
                                        scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     if cfg.patch_size_t and c.real_vae_t5:
-        pipe.vae.enable_tiling()  # 1.5's untiled decode runs out of memory even on 80 GB (ANCHORS.md)
-    extra = latent_frames(cfg, a.frames)[1]
+        pipe.vae.enable_tiling()  # 1.5's untiled decode runs out of memory even on 80 GB
+    extra = cfg.latent_frames(a.frames)[1]
 
     @torch.no_grad()
     def call(steps, computed=None):
@@ -153,26 +143,24 @@ def diffusers_row(row, c, a, dev, dtype):
         return dict(tm, total=sum(tm.values()), computed=steps, latents=lat)
 
     def forward(x, text, t):
-        p, pt = cfg.patch_size, cfg.patch_size_t or 1
-        rope = (diffusers_rope(cfg, x.shape[1] // pt, x.shape[3] // p, x.shape[4] // p, dev)
-                if cfg.use_rotary_positional_embeddings else None)
+        rope = diffusers_rope(cfg, x.shape[1], x.shape[3], x.shape[4], dev) if cfg.use_rotary_positional_embeddings \
+            else None
         return tr(hidden_states=x, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope,
                   attention_kwargs=None, return_dict=False)[0]  # the pipeline's own arguments: no recompile
     return (lambda: None), call, forward
 
 
 def ours_row(row, c, a, dev, dtype):
-    from bench.components import engine_transformer
-    from engine import quant
-    from engine.pipeline import assemble
-    from engine.teacache import fixed_schedule
+    from cogrt.bench.components import engine_transformer
+    from cogrt.engine.pipeline import assemble
+    from cogrt.engine.teacache import fixed_schedule
     mode, settings = VARIANT_ROWS.get(row, (row, {}))
     ours = engine_transformer(c.transformer, c.cfg, dtype, copy=False)
     c.transformer = None  # our module holds the weights now
-    with quant.overrides(**settings):
-        # keep_originals=False: no LoRA here, and 9.5 GB of pinned host copies would only slow the build
-        pipe = assemble(ours, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, dev, dtype, mode,
-                        our_transforms(mode, dev), cache_dir=os.path.join(a.cache_dir, row), keep_originals=False)
+    # keep_originals=False: no LoRA here, and 9.5 GB of pinned host copies would only slow the build
+    pipe = assemble(ours, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, dev, dtype, mode,
+                    dataclasses.replace(our_transforms(mode, dev), **settings),
+                    cache_dir=os.path.join(a.cache_dir, row), keep_originals=False)
 
     def call(steps, computed=None):
         kw = {"teacache_fixed_steps": fixed_schedule(steps, computed or steps)} if mode == "fast" else {}
@@ -187,8 +175,8 @@ def ours_row(row, c, a, dev, dtype):
 
 
 def run_row(row, a, dev, dtype, inputs, ref) -> dict:
-    from bench.components import random_components
-    from engine.runner import use_compile_cache
+    from cogrt.bench.components import random_components
+    from cogrt.engine.runner import use_compile_cache
     # each row its own compile cache (diffusers' compiles too): all cold in a fresh directory, or all warm in one
     # that a run before filled; fast and fp8 share their graphs, and one must not warm the other
     use_compile_cache(os.path.join(a.cache_dir, row))
@@ -220,7 +208,7 @@ def run_row(row, a, dev, dtype, inputs, ref) -> dict:
         label += f", {FAST_COMPUTED} of 50 computed, skipped ones free"
     return dict(row=row, status="ok", build_s=build, first_call_s=first, step_s=step, e2e_s=e2e, e2e_label=label,
                 text_s=tm["text"], denoise_s=tm["denoise"], decode_s=tm["decode"], steps_run=n,
-                steps_computed=tm["computed"], peak_gib=peak, resident_gib_at_start=resident, rel_err=rel(out, ref),
+                steps_computed=tm["computed"], peak_gib=peak, resident_gib_at_start=resident, rel_err=rel_err(out, ref),
                 latents=tm["latents"].float().cpu())
 
 
@@ -281,12 +269,12 @@ def main(argv=None) -> dict:
 
 
 def run(a, argv) -> dict:
-    from bench.components import append_results, environment, weights_note
+    from cogrt.bench.components import append_results, environment, weights_note
     cfg, dev = PRESETS[a.preset], torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     meta = dict(environment(dev), preset=a.preset, frames=a.frames, height=a.height, width=a.width,
                 guidance=a.guidance, steps=a.steps, seed=a.seed, dtype=str(dtype), prompt=PROMPT,
-                weights=weights_note(cfg, a.real_vae_t5), command="python -m bench.modes " + shlex.join(argv), rows=[])
+                weights=weights_note(cfg, a.real_vae_t5), command="python -m cogrt.bench.modes " + shlex.join(argv), rows=[])
     print(json.dumps({k: v for k, v in meta.items() if k != "rows"}), flush=True)
     inputs, ref = reference(a, dev, dtype)
     free(dev)
@@ -305,7 +293,7 @@ def run(a, argv) -> dict:
             r["speedup_step"], r["speedup_e2e"] = base["step_s"] / r["step_s"], base["e2e_s"] / r["e2e_s"]
             lat = r.pop("latents")
             base_latents = lat if base_latents is None else base_latents
-            r["latents_rel_err_vs_diffusers"] = rel(lat, base_latents) if r["steps_run"] == base["steps_run"] else None
+            r["latents_rel_err_vs_diffusers"] = rel_err(lat, base_latents) if r["steps_run"] == base["steps_run"] else None
         meta["rows"].append(r)
         print(json.dumps(r), flush=True)
         if a.json:  # after every row, so that a run cut short keeps what it measured

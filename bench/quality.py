@@ -3,12 +3,12 @@ each engine mode, against `exact` with the same prompt and seed.
 
 Per row: PSNR (dB) and SSIM of the decoded uint8 frames against exact's (per frame, then the mean over frames
 and prompts; PSNR is inf where a video is identical to exact's: null in the JSON), prompt adherence on
-held-out prompts (bench.adherence.score, with the prompts and seeds of train/tiny.py's stage_eval), the
+held-out prompts (train.adherence.score, with the prompts and seeds of train/tiny.py's stage_eval), the
 fraction of denoising steps whose blocks ran, and the denoise seconds per video with the speed-up over exact
 measured in the same run. TeaCache uses the model's own fit (`cogrt calibrate-cache`), passed explicitly.
 
-    OMP_NUM_THREADS=1 python -m bench.quality --n 8 --steps 50 --markdown --json quality.json --plot quality.png
-    python -m bench.quality --modes exact,fp8,fast,int8-dynamic,int8-weight-only --markdown      # CUDA default
+    OMP_NUM_THREADS=1 python -m cogrt.bench.quality --n 8 --steps 50 --markdown --json quality.json --plot quality.png
+    python -m cogrt.bench.quality --modes exact,fp8,fast,int8-dynamic,int8-weight-only --markdown      # CUDA default
 
 On a CPU shared with other work, one thread is several times faster than two fighting for it (measured: 10
 steps in 3.7 s against 15.8 s); the rows run interleaved, prompt by prompt, so that a change in the load
@@ -50,7 +50,7 @@ def ssim(ref: np.ndarray, x: np.ndarray) -> float:
 
 
 def summarize(name: str, results: list, ref: list, scenes: list, steps: int) -> dict:
-    from bench.adherence import score
+    from cogrt.train.adherence import score
     adh = score([(sc, r.frames) for sc, r in zip(scenes, results)])
     return dict(name=name, psnr=float(np.mean([psnr(a.frames, b.frames) for a, b in zip(ref, results)])),
                 ssim=float(np.mean([ssim(a.frames, b.frames) for a, b in zip(ref, results)])),
@@ -63,8 +63,8 @@ def sweep(model=MODEL, n: int = 8, steps: int = 50, thresholds=THRESHOLDS, modes
           dtype=None, num_frames: int = 49, guidance: float = 6.0, coefficients=None, log=print) -> list[dict]:
     """Rows of summarize(): exact first, then TeaCache on exact at each threshold, then each other mode (`fast`
     runs with its own TeaCache threshold and the coefficients file in the model folder). Prompt i gets seed i."""
-    from engine.pipeline import load_pipeline
-    from train.synthetic import caption, sample_scenes
+    from cogrt.engine.pipeline import load_pipeline
+    from cogrt.train.synthetic import caption, sample_scenes
     scenes = sample_scenes(n, 7, "heldout")
     prompts = [caption(sc) for sc in scenes]
     coefficients = str(coefficients or Path(model) / "teacache_coefficients.json")

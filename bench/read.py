@@ -1,7 +1,7 @@
 """Reading a checkpoint's weights onto the GPU: safetensors' own loader against engine.loader.read_safetensors,
 at several reader counts and piece sizes, on the same files (in the page cache after the first pass).
 
-    python -m bench.read DIR/transformer --json read.json
+    python -m cogrt.bench.read DIR/transformer --json read.json
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine import loader
+from cogrt.engine import loader
 
 
 def library(files, device):
@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
             lambda w=w, mib=mib: loader.read_safetensors(files, dev, chunk=mib << 20, workers=w))
     timed(rows["safetensors (library)"], dev)  # into the page cache first, so that every row reads from memory
     res = dict(gpu=torch.cuda.get_device_name(dev), torch=torch.__version__, folder=str(folder),
-               command="python -m bench.read " + " ".join(sys.argv[1:] if argv is None else argv), rows=[])
+               command="python -m cogrt.bench.read " + " ".join(sys.argv[1:] if argv is None else argv), rows=[])
     for name, fn in rows.items():
         times = [timed(fn, dev) for _ in range(a.repeats)]
         best = min(t for t, _ in times)

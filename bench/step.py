@@ -4,9 +4,8 @@ Both models hold the same random weights (real shapes, random values: no checkpo
 here), get the same inputs, and are timed with CUDA events after warm-up (median). The relative error of
 our output against diffusers' is printed beside the times.
 
-    python -m bench.step --preset cogvideox-5b --batch 2 --frames 49 --height 480 --width 720
-    python -m bench.step --backends sdpa,triton,triton-fp8 --fused-norms   # + ours with each attention backend
-    python -m bench.step --backends triton-fp8 --fused-norms --fuse-q-quant  # + q quantized in the QK prologue
+    python -m cogrt.bench.step --preset cogvideox-5b --batch 2 --frames 49 --height 480 --width 720
+    python -m cogrt.bench.step --backends sdpa,triton,triton-fp8 --fused-norms   # + ours with each attention backend
 
 With `--backends`, ours also runs with each named attention backend (and, with `--fused-norms`, with the
 Triton norm/prologue/residual kernels on too); those rows give the relative error against ours with
@@ -22,33 +21,6 @@ import statistics
 import torch
 
 
-def cuda_times(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return out
-
-
-def diffusers_rope(cfg, t, h, w, device):
-    """RoPE tables exactly as diffusers' pipeline builds them, independent of our model file."""
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-    base_h, base_w = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
-    if cfg.patch_size_t is None:
-        crops = get_resize_crop_region_for_grid((h, w), base_w, base_h)
-        return get_3d_rotary_pos_embed(cfg.head_dim, crops, (h, w), t, device=device)
-    return get_3d_rotary_pos_embed(cfg.head_dim, None, (h, w), t, grid_type="slice", max_size=(base_h, base_w),
-                                   device=device)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="cogvideox-5b")
@@ -62,16 +34,17 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step of each")
     ap.add_argument("--backends", default="", help="comma-separated attention backends to run ours with")
     ap.add_argument("--fused-norms", action="store_true", help="also run each backend with the fused kernels")
-    ap.add_argument("--fuse-q-quant", action="store_true",
-                    help="with --fused-norms, also run backends that take an int8 q with the QK prologue quantizing it")
     args = ap.parse_args(argv)
 
     from diffusers import CogVideoXTransformer3DModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from engine import attention
-    from engine.loader import build_transformer, to_engine_state_dict
-    from engine.model import PRESETS
+    from cogrt.bench.components import diffusers_rope
+    from cogrt.engine.attention import set_attention
+    from cogrt.engine.fused import fuse_norms
+    from cogrt.engine.loader import build_transformer, to_engine_state_dict
+    from cogrt.engine.model import PRESETS
+    from cogrt.kernels.measure import cuda_times, rel_err
 
     cfg = PRESETS[args.preset]
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -82,18 +55,16 @@ def main(argv=None):
     torch.set_default_dtype(torch.float32)
     # ours shares every tensor with diffusers' module except the fused qkv
     ours = build_transformer(cfg, to_engine_state_dict(dict(ref.state_dict()), cfg), dt)
+    set_attention(ours, "sdpa")
 
-    lat_f = (args.frames - 1) // 4 + 1
-    if cfg.patch_size_t:
-        lat_f += lat_f % cfg.patch_size_t
+    lat_f, _ = cfg.latent_frames(args.frames)
     B, H, W = args.batch, args.height // 8, args.width // 8
     g = torch.Generator(dev).manual_seed(1)
     x = torch.randn(B, lat_f, cfg.in_channels, H, W, device=dev, dtype=dt, generator=g)
     text = torch.randn(B, cfg.max_text_seq_length, cfg.text_embed_dim, device=dev, dtype=dt, generator=g)
     t = torch.full((B,), 999.0, device=dev)
     ofs = torch.full((1,), 2.0, device=dev) if cfg.ofs_embed_dim else None
-    tt, hh, ww = ours.grid(lat_f, H, W)
-    rope = diffusers_rope(cfg, tt, hh, ww, dev) if cfg.use_rotary_positional_embeddings else None
+    rope = diffusers_rope(cfg, lat_f, H, W, dev) if cfg.use_rotary_positional_embeddings else None
     positions = ours.positions(lat_f, H, W, dev)
 
     def run_ref(backends=None):
@@ -109,6 +80,7 @@ def main(argv=None):
     def run_ours():
         return ours(x, text, t, ofs=ofs, positions=positions)
 
+    tt, hh, ww = ours.grid(lat_f, H, W)
     n = (tt * hh * ww) + cfg.max_text_seq_length
     flops = B * cfg.num_layers * (24 * n * cfg.dim**2 + 4 * n * n * cfg.dim)
     rows = []
@@ -121,11 +93,11 @@ def main(argv=None):
         peak = torch.cuda.max_memory_allocated() / 2**30
         out = fn().float()
         row = dict(name=name, ms=ms, tflops=flops / ms / 1e9, peak_gib=peak,
-                   rel_err=((out - ref_out).norm() / ref_out.norm()).item())
+                   rel_err=rel_err(out, ref_out))
         line = (f"{name:34s} {ms:9.1f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  peak {peak:5.1f} GiB  "
                 f"rel err {row['rel_err']:.2e}")
         if ours_sdpa is not None:
-            row["rel_err_vs_ours_sdpa"] = ((out - ours_sdpa).norm() / ours_sdpa.norm()).item()
+            row["rel_err_vs_ours_sdpa"] = rel_err(out, ours_sdpa)
             line += f"  vs ours-sdpa {row['rel_err_vs_ours_sdpa']:.2e}"
         rows.append(row)
         print(line, flush=True)
@@ -138,16 +110,11 @@ def main(argv=None):
         ours_sdpa = measure("cogrt exact, eager (sdpa)", run_ours)
         for backend in filter(None, args.backends.split(",")):
             for fused in [False, True] if args.fused_norms else [False]:
-                ours.set_attention_backend(backend)
-                ours.set_fused_norms(fused)
+                set_attention(ours, backend)
+                fuse_norms(ours, fused)
                 measure(f"cogrt eager, {backend}" + (" + fused norms" if fused else ""), run_ours, ours_sdpa)
-            if args.fused_norms and args.fuse_q_quant:
-                attention.FUSE_Q_QUANT = True
-                if attention.q8_backend(backend) is not None:
-                    measure(f"cogrt eager, {backend} + fused norms + q quantized in the prologue", run_ours, ours_sdpa)
-                attention.FUSE_Q_QUANT = False
-        ours.set_attention_backend("sdpa")
-        ours.set_fused_norms(False)
+        set_attention(ours, "sdpa")
+        fuse_norms(ours, False)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
             for name, fn in [("diffusers", run_ref([SDPBackend.CUDNN_ATTENTION])), ("cogrt", run_ours)]:

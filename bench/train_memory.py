@@ -6,7 +6,7 @@ random latents and prompt embeddings written in the `train.precompute` layout, s
 the trainer's own data path, objective, optimizer and export.
 
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    python -m bench.train_memory --preset cogvideox-5b --rank 128 --steps 6 --optimizer adamw8bit
+    python -m cogrt.bench.train_memory --preset cogvideox-5b --rank 128 --steps 6 --optimizer adamw8bit
 """
 from __future__ import annotations
 
@@ -58,10 +58,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script at a tiny preset")
     a = ap.parse_args(argv)
 
-    from engine.loader import transformer_config
-    from engine.model import PRESETS, CogVideoXTransformer
-    from engine.random_model import write_scheduler
-    from train.loop import TrainConfig, train
+    from cogrt.engine.loader import transformer_config
+    from cogrt.engine.model import PRESETS, CogVideoXTransformer
+    from cogrt.engine.random_model import write_scheduler
+    from cogrt.train.loop import TrainConfig, train
 
     cfg = PRESETS[a.preset]
     work = Path(tempfile.mkdtemp(prefix="train_memory_"))

@@ -1,17 +1,21 @@
-"""The `cogrt` command: generate, calibrate-cache, info, random-checkpoint, convert-lora, bench (from bench/),
-and (from train/) precompute and train."""
+"""The `cogrt` command. Each layer adds its own subcommands through the `cogrt.commands` entry points
+(pyproject.toml), so that the engine never imports the layers above it: the engine's are generate,
+calibrate-cache, info, random-checkpoint and convert-lora; train/ adds precompute and train, bench/ adds bench,
+serving/ adds serve.
+
+A subcommand's function returns the exit code. What it prints is its result; progress and warnings go through
+`logging` (the `cogrt` loggers), which main() shows on stderr."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from pathlib import Path
 
+# the bundled tiny model: beside engine/ in the repository, and beside cogrt/engine/ in an installed wheel
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "cogrt-tiny"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-BENCHES = {"modes": "bench.modes", "coldstart": "bench.coldstart", "lora-switch": "bench.lora_switch",
-           "quality": "bench.quality", "fp8-ablation": "bench.fp8_ablation", "kernels": "bench.kernels",
-           "step": "bench.step", "read": "bench.read"}
 
 
 def _lora_arg(s: str) -> tuple[str, float]:
@@ -26,10 +30,19 @@ def _lora_arg(s: str) -> tuple[str, float]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cogrt", description="Fast CogVideoX text/image-to-video runtime")
+    from importlib.metadata import entry_points, version
+    ap = argparse.ArgumentParser(prog="cogrt", description="Fast CogVideoX text/image-to-video runtime and service")
+    ap.add_argument("--version", action="version", version=f"cogrt {version('cogrt')}")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    for ep in sorted(entry_points(group="cogrt.commands"), key=lambda e: e.name):
+        ep.load()(sub)
+    return ap
 
+
+def add_commands(sub) -> None:
+    """The engine's subcommands."""
     g = sub.add_parser("generate", help="generate a video")
+    g.set_defaults(func=cmd_generate)
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help=f"diffusers-format directory or hub id (default: {BUNDLED_MODEL})")
     g.add_argument("--image", default=None, help="first frame, for image-to-video models")
@@ -60,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="BENCHMARK ONLY: compute N evenly spread steps (first and last included), skip the rest")
 
     k = sub.add_parser("calibrate-cache", help="fit TeaCache's coefficients on a model's own trajectories")
+    k.set_defaults(func=cmd_calibrate_cache)
     k.add_argument("--model", default=None, help=f"diffusers-format directory (default: {BUNDLED_MODEL})")
     k.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="PATH[:WEIGHT]")
     k.add_argument("--prompts", default=None, help="a text file, one prompt a line (default: a few built in)")
@@ -76,9 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--out", default="teacache_coefficients.json")
 
     i = sub.add_parser("info", help="describe a checkpoint without loading its weights")
+    i.set_defaults(func=cmd_info)
     i.add_argument("model")
 
     r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint in the diffusers layout")
+    r.set_defaults(func=cmd_random)
     r.add_argument("out")
     r.add_argument("--preset", default="tiny-5b")
     r.add_argument("--seed", type=int, default=0)
@@ -88,20 +104,11 @@ def _parser() -> argparse.ArgumentParser:
                                                           "default: a test-sized T5")
 
     c = sub.add_parser("convert-lora", help="rewrite a LoRA with its scale in the standard header")
+    c.set_defaults(func=cmd_convert_lora)
     c.add_argument("src", help="a LoRA .safetensors: diffusers, finetrainers or SAT key names")
     c.add_argument("out")
     c.add_argument("--from", dest="convention", choices=["auto", "sat"], default="auto",
                    help="sat: a SAT LoRA already renamed to diffusers keys (CogVideo's export script), scale 1/r")
-
-    b = sub.add_parser("bench", help="measurements (bench/): modes against diffusers, cold start, LoRA switch, "
-                                     "quality, kernels, one step", add_help=False)
-    b.add_argument("what", choices=sorted(BENCHES), help="which measurement; its own --help lists its options")
-    b.add_argument("args", nargs=argparse.REMAINDER)
-
-    # The command line is the one place that spans layers: training and bench commands come from train/ and bench/.
-    from train.cli import add_train_parser
-    add_train_parser(sub)
-    return ap
 
 
 def add_mode_args(p) -> None:
@@ -173,7 +180,7 @@ def cmd_calibrate_cache(a) -> int:
     import torch
 
     from .pipeline import load_pipeline
-    from .teacache import DEFAULT_PROMPTS, calibrate
+    from .calibrate import DEFAULT_PROMPTS, calibrate
     from .video import atomic_write
 
     prompts = DEFAULT_PROMPTS
@@ -232,27 +239,25 @@ def cmd_convert_lora(a) -> int:
     return 0
 
 
-def cmd_bench(a) -> int:
-    import importlib
-    importlib.import_module(BENCHES[a.what]).main(a.args)
-    return 0
-
-
 def main(argv=None) -> int:
     from .loader import CheckpointError
     from .pipeline import OutOfMemory
 
     a = _parser().parse_args(argv)
-    warnings.simplefilter("default", UserWarning)
+    setup_logging()
     try:
-        from train.cli import cmd_precompute, cmd_train
-        cmds = {"generate": cmd_generate, "info": cmd_info, "random-checkpoint": cmd_random, "train": cmd_train,
-                "precompute": cmd_precompute, "convert-lora": cmd_convert_lora,
-                "calibrate-cache": cmd_calibrate_cache, "bench": cmd_bench}
-        return cmds[a.cmd](a)
+        return a.func(a)
     except (CheckpointError, OutOfMemory, FileNotFoundError, ValueError, TypeError) as e:
         print(f"cogrt: error: {e}", file=sys.stderr)
         return 2
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Our loggers' messages on stderr, plainly; the libraries' Python warnings (deprecations and the like, which
+    no user of ours can act on) are not shown. Ours go through logging, so they still are."""
+    logging.basicConfig(format="%(message)s")  # a no-op where the process has configured logging already
+    logging.getLogger("cogrt").setLevel(level)
+    warnings.simplefilter("ignore")
 
 
 if __name__ == "__main__":

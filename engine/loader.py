@@ -94,18 +94,19 @@ def check_safetensors(files: list[Path]) -> None:
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-CHUNK, WORKERS = 32 << 20, 4  # bytes per read, and parallel readers: measured on the H200 (bench/RESULTS.md)
+# bytes per read, and parallel readers (bench/RESULTS.md, "Start-up with a real-size T5 and the parallel reader")
+CHUNK, WORKERS = 32 << 20, 4
 
 
 def read_safetensors(files: list[Path], device: str | torch.device = "cpu", chunk: int = CHUNK,
                      workers: int = WORKERS) -> dict[str, torch.Tensor]:
     """Every tensor of `files`, in its stored dtype, on `device`.
 
-    safetensors' own loader copies tensor by tensor from a memory map, in one thread, through pageable memory:
-    5.7 GB/s into an H200 from the page cache, and 1.5 GB/s (7.5 s for 5B) in a start, where imports in another
-    thread hold the GIL. Here the library checks each file (header, offsets, size). Then `workers` threads read
-    the data in `chunk`-byte pieces (the syscall releases the GIL) into their own pinned buffers. Each copies a
-    piece to the tensors it overlaps, on its own CUDA stream, while it reads the next piece. 4 readers: 16 GB/s."""
+    safetensors' own loader copies tensor by tensor from a memory map, in one thread, through pageable memory, and
+    slows to a crawl in a start, where imports in another thread hold the GIL. Here the library checks each file
+    (header, offsets, size). Then `workers` threads read the data in `chunk`-byte pieces (the syscall releases the
+    GIL) into their own pinned buffers. Each copies a piece to the tensors it overlaps, on its own CUDA stream,
+    while it reads the next piece."""
     import concurrent.futures
     check_safetensors(files)
     device = torch.device(device)

@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import attention
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -74,6 +72,17 @@ class ModelConfig:
     @property
     def fps(self) -> int:
         return 8 if self.patch_size_t is None else 16
+
+    def latent_frames(self, num_frames: int) -> tuple[int, int]:
+        """The latent frames of a `num_frames`-frame video, padded at the front to a multiple of the temporal
+        patch (1.5), and how many of them are that padding."""
+        n = (num_frames - 1) // self.temporal_compression_ratio + 1
+        pad = self.latent_padding(n)
+        return n + pad, pad
+
+    def latent_padding(self, latent_frames: int) -> int:
+        """The frames 1.5 adds in front of `latent_frames` to fill its temporal patch (0 for 1.0)."""
+        return (-latent_frames) % (self.patch_size_t or 1)
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "ModelConfig":
@@ -209,6 +218,14 @@ class TimeMLP(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+class SDPA(nn.Module):
+    """softmax(q kᵀ/√d) v over the joint sequence, q, k, v (B, H, N, d). The runner puts another attention backend
+    in its place (engine/attention.py)."""
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 class Block(nn.Module):
     """adaLN-zero block: joint attention over [text; video], then a GELU-tanh FFN, each gated per stream."""
 
@@ -225,8 +242,7 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.ff1 = nn.Linear(d, 4 * d)
         self.ff2 = nn.Linear(4 * d, d)
-        self.attn_backend = "sdpa"
-        self.fused_norms = False  # inference through kernels/ (set by CogVideoXTransformer.set_fused_norms)
+        self.attend = SDPA()
 
     def modulate(self, ln, mod, x, c):
         """LayerNorm both streams, scale/shift them, and join them as [text; video]."""
@@ -243,12 +259,10 @@ class Block(nn.Module):
         if rope is not None:  # rotate the video tokens only; in place, as q and k are fresh norm outputs
             q[:, :, n_text:] = apply_rope(q[:, :, n_text:], *rope)
             k[:, :, n_text:] = apply_rope(k[:, :, n_text:], *rope)
-        o = attention.attend(q, k, v, self.attn_backend)  # (B, H, N, d)
+        o = self.attend(q, k, v)  # (B, H, N, d)
         return self.out(o.transpose(1, 2).reshape(B, N, D))
 
     def forward(self, x, c, temb, rope=None):
-        if self.fused_norms and not torch.is_grad_enabled():
-            return self.forward_fused(x, c, temb, rope)
         n = c.shape[1]
         h, gate, c_gate = self.modulate(self.ln1, self.norm1(temb), x, c)
         a = self.attention(h, rope, n)
@@ -256,33 +270,6 @@ class Block(nn.Module):
         h, gate, c_gate = self.modulate(self.ln2, self.norm2(temb), x, c)
         f = self.ff2(F.gelu(self.ff1(h), approximate="tanh"))
         return x + gate * f[:, n:], c + c_gate * f[:, :n]
-
-    def forward_fused(self, x, c, temb, rope=None):
-        """The same block through the Triton kernels (kernels/): fused adaLN, the QK prologue and the gated
-        residuals. Inference only; the kernels have no backward."""
-        from kernels import adaln, qk
-        B, n, D = c.shape
-        N = n + x.shape[1]
-        x, c = x.contiguous(), c.contiguous()
-        mod = self.norm1(temb).contiguous()  # (B, 6D): the kernels index shift/scale/gate inside it
-        h = adaln.adaln_modulate(x, c, self.ln1.weight, self.ln1.bias, mod, self.ln1.eps)
-        qkv = self.qkv(h)  # (B, N, 3D)
-        cos, sin = rope if rope is not None else (None, None)
-        norms = (self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias, cos, sin, self.norm_q.eps)
-        v = qkv.view(B, N, 3, self.heads, -1)[:, :, 2].transpose(1, 2)  # (B, H, N, d), a strided view
-        attend_q8 = attention.q8_backend(self.attn_backend)
-        if attend_q8 is not None:  # the prologue quantizes q as it writes it
-            q8, q_scale, k = qk.qk_norm_rope_q8(qkv, self.heads, n, *norms)
-            o = attend_q8(q8, q_scale, k, v)
-        else:
-            q, k = qk.qk_norm_rope(qkv, self.heads, n, *norms)
-            o = attention.attend(q, k, v, self.attn_backend)
-        a = self.out(o.transpose(1, 2).reshape(B, N, D))
-        x, c = adaln.gated_residual(x, c, a, mod)
-        mod = self.norm2(temb).contiguous()
-        h = adaln.adaln_modulate(x, c, self.ln2.weight, self.ln2.bias, mod, self.ln2.eps)
-        f = self.ff2(F.gelu(self.ff1(h), approximate="tanh"))
-        return adaln.gated_residual(x, c, f, mod)
 
 
 class CogVideoXTransformer(nn.Module):
@@ -307,20 +294,6 @@ class CogVideoXTransformer(nn.Module):
         self.proj_out = nn.Linear(d, cfg.out_channels * pt * cfg.patch_size**2)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
         self.offload_activations = False  # training, with checkpointing: keep the block inputs in host memory
-
-    def set_attention_backend(self, name: str) -> None:
-        attention.get_backend(name)  # fail now, not mid-request
-        for b in self.blocks:
-            b.attn_backend = name
-
-    def set_fused_norms(self, on: bool = True) -> None:
-        """Switch the blocks' norm, modulation, QK prologue and residual passes to the Triton kernels
-        (inference only: with gradients enabled the native path runs)."""
-        if on:
-            import kernels.adaln  # noqa: F401  (fail now if Triton is missing, not mid-request)
-            import kernels.qk  # noqa: F401
-        for b in self.blocks:
-            b.fused_norms = on
 
     def grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         """Token grid (t, h, w) for a latent of `frames` x `height` x `width`."""

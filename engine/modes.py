@@ -18,7 +18,7 @@ tensor cores (compute capability 8.9 or newer); asking for it elsewhere is an er
 so that nobody benchmarks a mode they are not running. The int8 modes are for GPUs without fp8 (A100, L40).
 
 The quantized modes tile the VAE decode and shrink T5 to int8 weights, so that 5B at 49 x 480 x 720 fits in
-16 GB end to end (the untiled decode alone peaks at 15.4 GB).
+16 GB end to end (bench/RESULTS.md, "The VAE decode: tiling and cuDNN's algorithm search").
 """
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ class Transforms:
     text_encoder: str = "full"  # one of TEXT_ENCODER
     vae_tiling: bool | None = None  # None: tile when the untiled decode would not fit
     teacache: float | None = None  # the threshold a request gets when it names none
+    keep_blocks: tuple[int, ...] = ()  # fp8: blocks kept whole in the model dtype (engine/quant.py)
+    fp8_fast_accum: bool = True  # fp8: Hopper's fast accumulation (engine/quant.py)
 
     def __post_init__(self):
         if self.quant is not None and self.quant not in QUANTS:

@@ -10,28 +10,32 @@ import contextlib
 import math
 import sys
 import threading
+import logging
 import time
-import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import loader, modes, teacache
+from . import loader, modes, quant, teacache
 from .lora import lora_key, read_lora
 from .model import CogVideoXTransformer, ModelConfig
 from .request import GenerationRequest, GenerationResult
 from .runner import Runner, compile_errors
 
-# load_pipeline: import the libraries in a thread while the transformer is read (else after the read), with the
-# interpreter switching threads every READ_SWITCH_INTERVAL seconds meanwhile (Python's default: 5 ms; the switch
-# is process-wide, for the read's second or so). Warm 5B start on the H200, three runs each: 23.6-27.6 s (median
-# 24.0), against a median of 24.6 s after the read; the read (4-5 s) is what the thread can hide (bench/RESULTS.md).
-IMPORTS_BESIDE_READ = True
+# load_pipeline imports the libraries in a thread while the transformer is read, with the interpreter switching
+# threads every READ_SWITCH_INTERVAL seconds meanwhile (Python's default is 5 ms; the setting is process-wide, for
+# the read's second or so): that hides the read behind the imports (bench/RESULTS.md, "Start-up with a real-size
+# T5 and the parallel reader").
 READ_SWITCH_INTERVAL = 1e-4
-# The untiled decode of 49 x 480 x 720 peaked at 15.4 GB in bf16 on the H100 (ANCHORS.md); scale from there.
+# The untiled decode of 49 x 480 x 720 peaks at 15.4 GB in bf16 (bench/RESULTS.md, "The VAE decode: tiling and
+# cuDNN's algorithm search"); scale from there.
 _DECODE_BYTES_PER_PIXEL_FRAME = 15.4e9 / (49 * 480 * 720) / 2
+
+
+log = logging.getLogger(__name__)
 
 
 class OutOfMemory(RuntimeError):
@@ -62,9 +66,12 @@ class Pipeline:
         """diffusers-style call: generate("a cat", num_frames=49, seed=0, loras=[("x.safetensors", 1.0)])."""
         return self.run(GenerationRequest(prompt=prompt, **kw), progress=progress)
 
-    def run(self, req: GenerationRequest, progress: bool = False,
-            cache: teacache.TeaCacheState | None = None) -> GenerationResult:
-        """`cache` replaces the step cache the request would make (calibration passes one that records)."""
+    def run(self, req: GenerationRequest, progress: bool = False, cache: teacache.TeaCacheState | None = None,
+            on_step: Callable[[str, int, int], None] | None = None) -> GenerationResult:
+        """`cache` replaces the step cache the request would make (calibration passes one that records).
+        `on_step(stage, done, total)` is called as the request moves on: ("text", 1, 1) once the prompt is encoded,
+        ("denoise", i, steps) after each step, ("decode", 0, 1) before the decode. What it raises stops the request
+        there (a server cancels a job or enforces its deadline this way)."""
         mode = self.resolve(req)
         key = lora_key(req.loras)
         # read and checked before the lock is taken; a set that is fused already is not read again
@@ -72,12 +79,12 @@ class Pipeline:
         with self._lock:
             try:
                 try:
-                    return self._run(req, mode, loras, key, progress, cache)
+                    return self._run(req, mode, loras, key, progress, cache, on_step)
                 except compile_errors() as e:
                     if not self.runner.compiled or cache is not None:
                         raise
                     self.runner.uncompile(e)  # every block back to eager, then the request once more
-                    return self._run(req, mode, loras, key, progress, cache)
+                    return self._run(req, mode, loras, key, progress, cache, on_step)
             except torch.OutOfMemoryError as e:
                 torch.cuda.empty_cache()
                 raise OutOfMemory(
@@ -99,8 +106,11 @@ class Pipeline:
         req.check_for(self.cfg)
         return mode
 
-    def _run(self, req, mode, loras, key, progress, cache) -> GenerationResult:
+    def _run(self, req, mode, loras, key, progress, cache, on_step) -> GenerationResult:
         times, t0 = {}, time.perf_counter()
+        on_step = on_step or (lambda stage, done, total: None)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         if cache is None:  # a fresh step cache for each request (None when TeaCache is off)
             cache = teacache.new_state(req, req.num_inference_steps)
         gen = torch.Generator("cpu").manual_seed(req.seed)
@@ -109,23 +119,27 @@ class Pipeline:
         with self._on_device(self.text_encoder, self.transforms.text_encoder == "offload"):
             text = self.encode_text([req.negative_prompt, req.prompt] if cfg_on else [req.prompt])
         times["text"] = self._lap(t0)
+        on_step("text", 1, 1)
 
         with self._on_device(self.transformer):
             if loras is not None:
                 times["lora"] = self.runner.switch_loras(loras, key)
             t1 = time.perf_counter()
-            latents, extra = self.denoise(req, text, gen, progress, cache)
+            latents, extra = self.denoise(req, text, gen, progress, cache, on_step)
         times["denoise"] = self._lap(t1)
         times.setdefault("lora", 0.0)
 
+        on_step("decode", 0, 1)
         t2 = time.perf_counter()
         with self._on_device(self.vae):
             frames = self.decode(latents[:, extra:], req)
         times["decode"] = self._lap(t2)
         times["total"] = time.perf_counter() - t0
         computed, skipped = (cache.computed, cache.skipped) if cache else (list(range(req.num_inference_steps)), [])
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return GenerationResult(frames=frames, latents=latents[:, extra:], seed=req.seed, fps=self.cfg.fps,
-                                timings=times, steps_computed=computed, steps_skipped=skipped, mode=mode)
+                                timings=times, steps_computed=computed, steps_skipped=skipped, mode=mode,
+                                peak_memory_bytes=peak)
 
     def warm_up(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
                 guidance: bool = True) -> float:
@@ -134,9 +148,7 @@ class Pipeline:
         req = GenerationRequest(prompt="", num_frames=num_frames, height=height, width=width, seed=0,
                                 guidance_scale=6.0 if guidance else 1.0)
         req.check_for(self.cfg)
-        frames = req.latent_frames
-        if self.cfg.patch_size_t:
-            frames += (-frames) % self.cfg.patch_size_t
+        frames, _ = self.cfg.latent_frames(req.num_frames)
         with self._on_device(self.transformer):
             return self.runner.warm_up(frames, req.height // 8, req.width // 8, 2 if guidance else 1,
                                        self.cfg.max_text_seq_length, self.device, self.dtype)
@@ -165,10 +177,12 @@ class Pipeline:
         n = self.cfg.max_text_seq_length
         ids = self.tokenizer(prompts, padding="max_length", max_length=n, truncation=True,
                              add_special_tokens=True, return_tensors="pt").input_ids
-        full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > n:
-            warnings.warn(f"prompt is longer than {n} tokens and was cut to fit the text encoder: "
-                          f"{self.tokenizer.batch_decode(full[:, n - 1:-1])}", stacklevel=3)
+        for prompt in dict.fromkeys(prompts):  # each prompt once (CFG may pass an empty negative twice)
+            full = self.tokenizer(prompt).input_ids  # unpadded, with the end-of-text token
+            if len(full) > n:
+                cut = self.tokenizer.decode(full[n - 1:], skip_special_tokens=True)
+                log.warning("The prompt is longer than the text encoder's %d tokens; this end of it was cut: %r",
+                            n, cut)
         dev = next(self.text_encoder.parameters()).device
         with torch.no_grad():
             emb = self.text_encoder(ids.to(dev))[0]
@@ -189,7 +203,7 @@ class Pipeline:
         return torch.cat([z, pad], dim=1)
 
     def denoise(self, req: GenerationRequest, text: torch.Tensor, gen: torch.Generator, progress: bool,
-                cache: teacache.TeaCacheState | None = None):
+                cache: teacache.TeaCacheState | None = None, on_step=None):
         """Returns the final latents and how many leading latent frames are padding (1.5's temporal patch).
         With a `cache` (TeaCache), the blocks run only on the steps it decides; it records which."""
         import diffusers
@@ -202,9 +216,7 @@ class Pipeline:
         if cache is not None and cache.num_steps != steps:
             raise ValueError(f"the step cache was made for {cache.num_steps} steps; the scheduler gives {steps}")
 
-        frames = req.latent_frames
-        extra = (-frames) % cfg.patch_size_t if cfg.patch_size_t else 0  # 1.5 pads to a multiple of patch_size_t
-        frames += extra
+        frames, extra = cfg.latent_frames(req.num_frames)
         h, w = req.height // 8, req.width // 8
         image = self.image_latents(req, frames, gen) if cfg.is_i2v else None
         latents = randn_tensor((1, frames, cfg.out_channels, h, w), generator=gen, device=dev, dtype=self.dtype)
@@ -247,6 +259,8 @@ class Pipeline:
                 else:
                     latents = sched.step(v, t, latents, eta=0.0, generator=gen, return_dict=False)[0]
                 latents = latents.to(self.dtype)
+                if on_step is not None:
+                    on_step("denoise", i + 1, steps)
         return latents, extra
 
     def decode(self, latents: torch.Tensor, req: GenerationRequest) -> np.ndarray:
@@ -316,9 +330,9 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     way). `warm_up` runs the transformer once at the model's default size, so that the first request does
     not pay for compiling; compiled code is cached in `cache_dir` (default: engine.runner.default_cache_dir()).
     `keep_originals` (quantized modes): LoRAs can be switched, rebuilding layers from their weights in the
-    checkpoint file, read when a LoRA first touches them (5B, rank-128 attention LoRA, H200: 2.8 s the first
-    time, 0.26 s after); "pinned" copies them all to pinned memory at load instead (seconds more at every start,
-    and every switch fast); False refuses LoRAs.
+    checkpoint file, read when a LoRA first touches them (the first switch of a layer is slower than the next:
+    bench/RESULTS.md, "LoRA switch with the originals read from the checkpoint"); "pinned" copies them all to
+    pinned memory at load instead (seconds more at every start, and every switch fast); False refuses LoRAs.
     """
     root = loader.resolve(path_or_hub_id)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -339,7 +353,7 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     source = None
     laps = _Laps(device)
     needs = dict(torchao=chosen.quant is not None or chosen.text_encoder == "int8", dynamo=chosen.compile)
-    beside = IMPORTS_BESIDE_READ and transformer is None
+    beside = transformer is None
     importing = _import_in_background(**needs) if beside else None
     interval = sys.getswitchinterval()
     try:
@@ -396,20 +410,21 @@ class _Laps:
 
 
 def _imports(torchao: bool, dynamo: bool) -> None:
-    """What a load needs from diffusers, transformers, torchao and Dynamo: most of a warm 5B start's seconds
-    (15-18 s on the H200's host, after torch), and all of it Python, holding the GIL."""
-    from diffusers import AutoencoderKLCogVideoX  # noqa: F401
-    from transformers import AutoTokenizer, T5EncoderModel  # noqa: F401
+    """What a load needs from diffusers, transformers, torchao and Dynamo: most of a warm start's seconds, and all
+    of it Python, holding the GIL. torchao only where the transforms quantize."""
+    with quant.torchao_hidden():
+        from diffusers import AutoencoderKLCogVideoX  # noqa: F401
+        from transformers import AutoTokenizer, T5EncoderModel  # noqa: F401
     if torchao:
-        import torchao.quantization  # noqa: F401
+        quant.import_torchao()
     if dynamo:
         import torch._dynamo  # noqa: F401
         import torch._inductor.compile_fx  # noqa: F401
 
 
 def _import_in_background(torchao: bool, dynamo: bool) -> threading.Thread:
-    """_imports in a thread, while the caller reads the transformer. An import that fails here fails again, with
-    its error, in the caller. (Four threads, one a library, were no faster on the H200: the imports hold the GIL.)"""
+    """_imports in one thread (more were no faster: the imports hold the GIL), while the caller reads the
+    transformer. An import that fails here fails again, with its error, in the caller."""
     def run():
         with contextlib.suppress(Exception):
             _imports(torchao, dynamo)

@@ -109,10 +109,6 @@ class GenerationRequest:
         if self.teacache is not None and self.teacache_coefficients is None:
             self.teacache_coefficients = published_coefficients(cfg)
 
-    @property
-    def latent_frames(self) -> int:
-        return (self.num_frames - 1) // 4 + 1
-
 
 @dataclass
 class GenerationResult:
@@ -125,3 +121,4 @@ class GenerationResult:
     steps_computed: list[int] = field(default_factory=list)  # step indices whose blocks ran
     steps_skipped: list[int] = field(default_factory=list)  # step indices served from the TeaCache residuals
     mode: str = "exact"  # the mode the request ran in
+    peak_memory_bytes: int | None = None  # the GPU's peak allocation during the request (None off the GPU)

@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import logging
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from . import quant
+from .attention import set_attention
+from .fused import fuse_norms
 from .lora import LoraState, host_copy
 from .modes import Transforms
 
 
+log = logging.getLogger(__name__)
+
+
 def compile_errors() -> tuple[type[BaseException], ...]:
-    """What a failed compile raises. A function, so that importing the engine does not import Dynamo (3.7 s on
-    the H200's host): load_pipeline imports it in a thread beside the checkpoint's read. FailOnRecompileLimitHit
+    """What a failed compile raises. A function, so that importing the engine does not import Dynamo (seconds):
+    load_pipeline imports it in a thread beside the checkpoint's read. FailOnRecompileLimitHit
     is not a TorchDynamoException (torch 2.11), and fullgraph=True raises it."""
     import torch._dynamo
     exc = torch._dynamo.exc
@@ -62,10 +67,9 @@ def compile_options(t: Transforms) -> dict:
     opts = dict(torch._inductor.list_mode_options("reduce-overhead" if t.cuda_graphs else "default"))
     if t.quant == "int8-weight-only":
         # Inductor's pattern matcher rewrites torchao's int8 weight-only matmul (mm of the int8 weight cast to
-        # bf16, times the row scales) into aten._weight_int8pack_mm. On CUDA that op is a naive kernel, one
-        # thread an output: 0.74 s for one 36004 x 3072 x 3072 linear, against 1.7 ms for the mm it replaced,
-        # so a compiled 5B step took minutes (H200, torch 2.11). The option turns off every pattern pass: a
-        # 5B-shaped int8 block ran 0.2% slower than with only this rewrite taken out.
+        # bf16, times the row scales) into aten._weight_int8pack_mm, which on CUDA is a naive kernel, one thread
+        # an output: a compiled 5B step took minutes (bench/RESULTS.md, "`int8-weight-only` at real size, and the
+        # 5B modes again"). This turns off every pattern pass, which costs nothing measurable.
         opts["pattern_matcher"] = False
     return opts
 
@@ -84,7 +88,7 @@ class Runner:
         t0 = time.perf_counter()
         originals = None
         if transforms.quant:
-            targets = quant.targets(model, transforms.quant)
+            targets = quant.targets(model, transforms.quant, transforms.keep_blocks)
             if any(quant.is_quantized(m) for m in targets.values()):
                 raise ValueError("this transformer is quantized already; load a fresh one")
             if keep_originals and originals_source is not None:
@@ -95,22 +99,24 @@ class Runner:
             else:
                 originals = {name: host_copy(m.weight) for name, m in targets.items()} if keep_originals else None
             try:
-                quant.quantize(model, transforms.quant)
+                quant.quantize(model, transforms.quant, transforms.keep_blocks, transforms.fp8_fast_accum)
             except Exception:
                 self._restore(targets, originals, originals_source)
                 raise
         self.lora_ready = originals is not None or not transforms.quant
-        self.loras = LoraState(model, write=lambda linear, w: quant.write_weight(linear, w, transforms.quant
-                                                                                 if quant.is_quantized(linear) else None),
-                               originals=originals, source=originals_source if keep_originals else None)
+        def write(linear, w):  # a switched layer is rebuilt from its original and quantized again
+            kind = transforms.quant if quant.is_quantized(linear) else None
+            quant.write_weight(linear, w, kind, transforms.fp8_fast_accum)
+        self.loras = LoraState(model, write=write, originals=originals,
+                               source=originals_source if keep_originals else None)
         self.timings["quantize"] = time.perf_counter() - t0
         if transforms.attention == "triton-fp8" and model.cfg.head_dim < 32:
             # int8 tensor-core MMAs take 32 values along the head: tiny test models (d = 16) cannot use them
-            warnings.warn(f"head_dim {model.cfg.head_dim} is too small for the triton-fp8 attention kernel (needs 32+); "
-                          f"using the bf16 'triton' kernel", stacklevel=2)
+            log.warning("head_dim %d is too small for the triton-fp8 attention kernel (needs 32+); using the bf16 "
+                        "'triton' kernel", model.cfg.head_dim)
             self.transforms = transforms = dataclasses.replace(transforms, attention="triton")
-        model.set_attention_backend(transforms.attention)
-        model.set_fused_norms(transforms.fused_norms)
+        set_attention(model, transforms.attention)
+        fuse_norms(model, transforms.fused_norms)
         if transforms.compile:
             self.compile()
 
@@ -156,8 +162,8 @@ class Runner:
             block._compiled_call_impl = None
         self.compiled = False
         if error is not None:
-            warnings.warn(f"torch.compile failed, so the transformer runs eagerly (slower, same results): "
-                          f"{type(error).__name__}: {str(error).splitlines()[0][:300]}", stacklevel=3)
+            log.warning("torch.compile failed, so the transformer runs eagerly (slower, same results): %s: %s",
+                        type(error).__name__, str(error).splitlines()[0][:300])
 
     def step_begin(self) -> None:
         """With CUDA graphs, a new denoising step: the graphs may reuse the memory of the last step's outputs,

@@ -9,18 +9,34 @@ import numpy as np
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Write to a temporary file beside `path`, then rename it into place only once it is complete."""
+    """Write to a temporary file beside `path`, then rename it into place only once it is complete. The file gets
+    the mode any file the user writes gets (0666 less the umask), not the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux says it (os.umask can only set it, and setting
+    it twice races with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:

@@ -24,7 +24,8 @@ from . import alloc
 # rows per program and warps for adaln_modulate. A program takes ROWS consecutive rows of one stream of one
 # batch row, so it loads that stream's shift, scale and LayerNorm affine once for all of them, not once a row
 # (per row those are 4 extra reads of D values, twice the row's own traffic, served by L2). ROWS = 2 with 4
-# warps: 80% of copy bandwidth on the H200, against 67% for one row a program (bench.kernels --sweep-fused).
+# warps won bench.kernels --sweep-fused (bench/RESULTS.md, "adaLN row tiles, the prologue-quantized q, and
+# cuDNN's own fp8 attention").
 ROWS = 4 if os.environ.get("TRITON_INTERPRET") == "1" else 2
 NUM_WARPS = 4
 
@@ -87,15 +88,20 @@ def _check(x, c, mod):
 def adaln_modulate(x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    mod: torch.Tensor, eps: float) -> torch.Tensor:
     """x (B, Nv, D) video, c (B, Nt, D) text, mod (B, 6D) -> h (B, Nt + Nv, D), in x's dtype."""
+    return launch_modulate(x, c, weight, bias, mod, eps)
+
+
+def launch_modulate(x, c, weight, bias, mod, eps, rows: int = ROWS, num_warps: int = NUM_WARPS):
+    """adaln_modulate with its launch settings given (bench/kernels.py sweeps them)."""
     _check(x, c, mod)
     B, Nv, D = x.shape
     Nt = c.shape[1]
     out = alloc.empty((B, Nt + Nv, D), x)
     affine = weight is not None
-    text_tiles = triton.cdiv(Nt, ROWS)
-    _adaln_modulate_kernel[(text_tiles + triton.cdiv(Nv, ROWS), B)](
+    text_tiles = triton.cdiv(Nt, rows)
+    _adaln_modulate_kernel[(text_tiles + triton.cdiv(Nv, rows), B)](
         x, c, weight if affine else x, bias if affine else x, mod, out, Nv, Nt, D, text_tiles, eps,
-        HAS_AFFINE=affine, ROWS=ROWS, BLOCK=triton.next_power_of_2(D), num_warps=NUM_WARPS)
+        HAS_AFFINE=affine, ROWS=rows, BLOCK=triton.next_power_of_2(D), num_warps=num_warps)
     return out
 
 

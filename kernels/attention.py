@@ -12,13 +12,8 @@ head_dim a power of two up to 128, N not a multiple of the block size. Two preci
     quantized to e4m3 with one scale per channel. P comes out of the exponential scaled by 448 (e4m3's
     largest value), so that small probabilities keep their precision. P·V runs on the fp8 tensor cores.
 
-- `sage_attention_q8(q8, q_scale, k, v)`: the same with q already int8, one scale per row, as the fused QK
-  prologue writes it (`kernels.qk.qk_norm_rope_q8`; the engine uses it when `attention.FUSE_Q_QUANT` is on).
-  A row's scale is constant along its scores, so the kernel's max-then-scale step is unchanged.
-
-References: SDPA's math backend, and `sage_attention_reference`, the same rounding in PyTorch (a q tile of one
-row is the per-row form).
-Forward-only: training keeps SDPA. Importing this module registers both backends in `engine.attention`.
+References: SDPA's math backend, and `sage_attention_reference`, the same rounding in PyTorch.
+Forward-only: training keeps SDPA. The engine registers these as its `triton` and `triton-fp8` attention backends.
 
 q, k, v go in through TMA tensor descriptors over their 4D (B, H, N, d) views, so strided views (v straight
 out of the fused qkv) need no copy, and rows past N read as zeros instead of the next head's rows.
@@ -33,7 +28,6 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from engine import attention
 
 from . import alloc
 
@@ -42,30 +36,17 @@ _LOG2E = 1.4426950408889634
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT) by head dim, from the sweeps in bench/kernels.py (H100, then
-# H200); the interpreter gets small tiles so that CI stays quick. SPLIT = 2 gives each program two halves of
-# its query tile that share every key and value load. The halves' matmuls and softmaxes are independent, so
-# the scheduler can run one half's exponentials while the other's asynchronous matmul is on the tensor cores:
-# FlashAttention-3's overlap, within one warpgroup. For bf16 it wins at the 5B shape (17.2 against 17.3-19.5 ms on
-# the H200) but loses at 1.5's N = 45,106, where the whole (128, 128) tile is best (110-111 against 124-127 ms);
-# for fp8 it lost at 5B (16.00 -> 16.56 ms).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT) by head dim, chosen by the sweeps of bench/kernels.py
+# (bench/RESULTS.md, "Split query tiles, and the attention table on the H200"); the interpreter gets small tiles
+# so that CI stays quick. SPLIT = 2 gives each program two halves of its query tile that share every key and value
+# load, so that one half's exponentials can overlap the other's asynchronous matmul (FlashAttention-3's overlap,
+# within a warpgroup). It wins for bf16 below LONG tokens and loses above it and for fp8.
 CONFIGS = {64: (128, 64, 4, 3, 2)}
 CONFIGS_LONG = {64: (128, 128, 4, 3, 1)}  # bf16 at N >= LONG
 LONG = 32768
 CONFIGS_FP8 = {64: (128, 128, 4, 3, 1)}
 _DEFAULT_CONFIG = (64, 64, 4, 2, 1)  # head dims not swept yet
 _INTERPRET_CONFIG = (32, 32, 4, 1, 2)  # split; the tests that set SPLIT = 1 cover the whole tile
-# The packed 16-bit exponential (see _exp2) measured slower on the H100 (16.98 -> 17.48 ms bf16, 15.56 -> 17.35
-# ms fp8 at the 5B shape; bench/RESULTS.md): the conversions it needs cost more than the exponentials it
-# saves. Off by default; bench/kernels.py --sweep measures both.
-FAST_EXP = False
-WARP_SPECIALIZE = False  # Triton's warp-specialized loop; bench/kernels.py --sweep measures both
-# The polynomial exponential of FlashAttention-4 (every 2nd-4th key tile's exponentials on the FMA pipe) was
-# measured slower at every ratio on the H200 and removed (commit 0e87755 has it; bench/RESULTS.md the numbers).
-# int8 Q·Kᵀ gives int32 scores, converted by I2F at the same 16 a clock per SM as the exponential. MAGIC_I2F
-# converts on the FMA pipe instead (an integer add into a float's mantissa, then a float subtract). Also
-# measured slower on the H200 (15.8 -> 20.2 ms at the default tiles), so off.
-MAGIC_I2F = False
 
 
 @triton.jit
@@ -76,23 +57,6 @@ def _e4m3(x, EXACT: tl.constexpr):
         step = tl.exp2(tl.floor(tl.log2(tl.maximum(tl.abs(x), 0.015625))) - 3.0)  # 2^-6: the subnormal floor
         x = tl.floor(x / step + 0.5) * step
     return x.to(tl.float8e4nv)
-
-
-@triton.jit
-def _exp2(x, P_DTYPE: tl.constexpr, FAST: tl.constexpr):
-    """2^x as P_DTYPE. At d = 64 the exponentials, not the matmuls, bound the kernel: the MUFU unit does 16 a
-    clock per SM. FAST uses its packed 16-bit form, two exponentials an instruction; P is rounded to 16 bits
-    (or fewer) for its matmul anyway, and the argument's own rounding only touches probabilities too small to
-    count. The interpreter has no inline PTX, so it takes the fp32 path."""
-    if FAST:
-        if P_DTYPE == tl.bfloat16:
-            return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
-                                             dtype=tl.bfloat16, is_pure=True, pack=2)
-        else:
-            return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-                                             dtype=tl.float16, is_pure=True, pack=2)
-    else:
-        return tl.math.exp2(x).to(P_DTYPE)
 
 
 @triton.jit
@@ -109,33 +73,22 @@ def _load_kv(desc_k, desc_v, b, h, start, HEAD_DIM: tl.constexpr, BLOCK_N: tl.co
 
 @triton.jit
 def _update(acc, l_i, m_i, q, k, v, start, scale, N: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
-            MASKED: tl.constexpr, ROW_SCALE: tl.constexpr, P_DTYPE: tl.constexpr, FAST: tl.constexpr,
-            EXACT: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr):
-    """One key tile folded into the running softmax (log2 domain) of one tile of queries. `scale` is a scalar,
-    or one per query row (ROW_SCALE); either way it is positive and constant along a row, so the row's max of
-    s·scale is its max of s, times scale."""
-    s = tl.dot(q, k.T, input_precision=PREC)  # int8 scores come out as int32
-    if MAGIC and q.dtype == tl.int8:
-        # |s| <= 128·127² < 2^22: added to the bits of 1.5·2^23, s lands in the mantissa exactly
-        s = (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-    else:
-        s = s.to(tl.float32)
-    if ROW_SCALE:
-        sc = scale[:, None]
-    else:
-        sc = scale
+            MASKED: tl.constexpr, EXACT: tl.constexpr, PREC: tl.constexpr):
+    """One key tile folded into the running softmax (log2 domain) of one tile of queries. `scale` is positive, so
+    the row's max of s·scale is its max of s, times scale."""
+    s = tl.dot(q, k.T, input_precision=PREC).to(tl.float32)  # int8 scores come out as int32
     if MASKED:  # the last, partial tile: the rows past N read as zeros and must not count
-        s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < N, s * sc, float("-inf"))
+        s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < N, s * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         x = s - m_new[:, None]
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
-        x = s * sc - m_new[:, None]  # one FMA per score
+        x = s * scale - m_new[:, None]  # one FMA per score
     if LOWP:  # P·448 straight out of the exponential: e4m3's whole range, and 448 cancels in acc / l
         x = x + 8.807354922057604  # log2(448)
-    p = _exp2(x, P_DTYPE, FAST)
+    p = tl.math.exp2(x)
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+    l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if LOWP:
         acc = tl.dot(_e4m3(p, EXACT), v.T, acc)
@@ -145,22 +98,16 @@ def _update(acc, l_i, m_i, q, k, v, start, scale, N: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _key_tile(acc0, l0, m0, acc1, l1, m1, q0, q1, desc_k, desc_v, b, h, start, scale0, scale1, ks_ptr,
+def _key_tile(acc0, l0, m0, acc1, l1, m1, q0, q1, desc_k, desc_v, b, h, start, scale, ks_ptr,
               N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
-              MASKED: tl.constexpr, SPLIT: tl.constexpr, ROW_SCALE: tl.constexpr, P_DTYPE: tl.constexpr,
-              FAST: tl.constexpr, EXACT: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr):
-    """One key tile for the program's queries: one tile of them, or two halves (SPLIT) that share the loads.
-    scale0 and scale1 are the halves' score scales (the same scalar unless ROW_SCALE)."""
+              MASKED: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr, PREC: tl.constexpr):
+    """One key tile for the program's queries: one tile of them, or two halves (SPLIT) that share the loads."""
     k, v = _load_kv(desc_k, desc_v, b, h, start, HEAD_DIM, BLOCK_N, LOWP)
     if LOWP:
-        ks = tl.load(ks_ptr + start // BLOCK_N)  # this key tile's dequantization scale
-        scale0 = scale0 * ks
-        scale1 = scale1 * ks
-    acc0, l0, m0 = _update(acc0, l0, m0, q0, k, v, start, scale0, N, BLOCK_N, LOWP, MASKED, ROW_SCALE, P_DTYPE,
-                           FAST, EXACT, PREC, MAGIC)
+        scale = scale * tl.load(ks_ptr + start // BLOCK_N)  # this key tile's dequantization scale
+    acc0, l0, m0 = _update(acc0, l0, m0, q0, k, v, start, scale, N, BLOCK_N, LOWP, MASKED, EXACT, PREC)
     if SPLIT == 2:
-        acc1, l1, m1 = _update(acc1, l1, m1, q1, k, v, start, scale1, N, BLOCK_N, LOWP, MASKED, ROW_SCALE, P_DTYPE,
-                               FAST, EXACT, PREC, MAGIC)
+        acc1, l1, m1 = _update(acc1, l1, m1, q1, k, v, start, scale, N, BLOCK_N, LOWP, MASKED, EXACT, PREC)
     return acc0, l0, m0, acc1, l1, m1
 
 
@@ -177,9 +124,7 @@ def _store(desc_o, acc, l_i, b, h, bh, row, vs_ptr, vm_ptr, HEAD_DIM: tl.constex
 @triton.jit
 def _attn_fwd_kernel(desc_q, desc_k, desc_v, desc_o, qs_ptr, ks_ptr, vs_ptr, vm_ptr, H, qk_scale,
                      N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     LOWP: tl.constexpr, SPLIT: tl.constexpr, ROW_SCALE: tl.constexpr, P_DTYPE: tl.constexpr,
-                     FAST: tl.constexpr, EXACT: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr,
-                     MAGIC: tl.constexpr):
+                     LOWP: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -190,32 +135,23 @@ def _attn_fwd_kernel(desc_q, desc_k, desc_v, desc_o, qs_ptr, ks_ptr, vs_ptr, vm_
     q1 = q0  # the second half's queries, with SPLIT; otherwise unused, and dropped by the compiler
     if SPLIT == 2:
         q1 = desc_q.load([b, h, row + HALF, 0]).reshape(HALF, HEAD_DIM)
-    scale0 = qk_scale
-    scale1 = qk_scale
-    if LOWP:
+    scale = qk_scale
+    if LOWP:  # one q scale per tile of BLOCK_M rows, which both halves share
         n_kt: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+        n_qt: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
         ks_ptr = ks_ptr + bh * n_kt
-        if ROW_SCALE:  # one q scale per row (B, H, N), from the fused QK prologue; rows past N get 0
-            r = row + tl.arange(0, HALF)
-            scale0 = qk_scale * tl.load(qs_ptr + bh * N + r, mask=r < N, other=0.0)
-            scale1 = qk_scale * tl.load(qs_ptr + bh * N + r + HALF, mask=r + HALF < N, other=0.0)
-        else:  # one per tile of BLOCK_M rows, which both halves share
-            n_qt: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
-            scale0 = qk_scale * tl.load(qs_ptr + bh * n_qt + pid_m)
-            scale1 = scale0
+        scale = qk_scale * tl.load(qs_ptr + bh * n_qt + pid_m)
     m0 = tl.full((HALF,), float("-inf"), tl.float32)
     l0 = tl.zeros((HALF,), tl.float32)
     acc0 = tl.zeros((HALF, HEAD_DIM), tl.float32)
     m1, l1, acc1 = m0, l0, acc0
     FULL: tl.constexpr = N // BLOCK_N * BLOCK_N
-    for start in tl.range(0, FULL, BLOCK_N, warp_specialize=WS):
+    for start in tl.range(0, FULL, BLOCK_N):
         acc0, l0, m0, acc1, l1, m1 = _key_tile(acc0, l0, m0, acc1, l1, m1, q0, q1, desc_k, desc_v, b, h, start,
-                                               scale0, scale1, ks_ptr, N, HEAD_DIM, BLOCK_N, LOWP, False, SPLIT,
-                                               ROW_SCALE, P_DTYPE, FAST, EXACT, PREC, MAGIC)
+                                               scale, ks_ptr, N, HEAD_DIM, BLOCK_N, LOWP, False, SPLIT, EXACT, PREC)
     if FULL < N:
         acc0, l0, m0, acc1, l1, m1 = _key_tile(acc0, l0, m0, acc1, l1, m1, q0, q1, desc_k, desc_v, b, h, FULL,
-                                               scale0, scale1, ks_ptr, N, HEAD_DIM, BLOCK_N, LOWP, True, SPLIT,
-                                               ROW_SCALE, P_DTYPE, FAST, EXACT, PREC, MAGIC)
+                                               scale, ks_ptr, N, HEAD_DIM, BLOCK_N, LOWP, True, SPLIT, EXACT, PREC)
     _store(desc_o, acc0, l0, b, h, bh, row, vs_ptr, vm_ptr, HEAD_DIM, HALF, LOWP)
     if SPLIT == 2:
         _store(desc_o, acc1, l1, b, h, bh, row + HALF, vs_ptr, vm_ptr, HEAD_DIM, HALF, LOWP)
@@ -231,15 +167,9 @@ def _config(d: int, fp8: bool, config=None, n: int = 0):
     return (CONFIGS_FP8 if fp8 else CONFIGS_LONG if n >= LONG else CONFIGS).get(d, _DEFAULT_CONFIG)
 
 
-def _exp_args(dtype: torch.dtype, lowp: bool) -> dict:
-    """The kernel's switches. P's dtype and the exponential's form: fp32 inputs (tests) and the interpreter keep
-    everything in fp32."""
-    p_dtype = tl.float16 if lowp else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
-    fast = FAST_EXP and not _INTERPRET and p_dtype != tl.float32
-    # fp32 inputs (the tests) get true fp32 matmuls, not TF32
-    return dict(P_DTYPE=p_dtype if fast else tl.float32, FAST=fast, EXACT=_INTERPRET,
-                PREC="ieee" if dtype == torch.float32 else "tf32", WS=WARP_SPECIALIZE and not _INTERPRET,
-                MAGIC=MAGIC_I2F)
+def _switches(dtype: torch.dtype) -> dict:
+    """The interpreter rounds e4m3 by hand (EXACT); fp32 inputs (the tests) get true fp32 matmuls, not TF32."""
+    return dict(EXACT=_INTERPRET, PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
 def _desc(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
@@ -278,7 +208,7 @@ def _flash(q, k, v, config=None):
     half = bm // split  # the rows of one query load and one store
     _attn_fwd_kernel[(triton.cdiv(N, bm), B * H)](
         _desc(q, half, d), _desc(k, bn, d), _desc(v, bn, d), _desc(o, half, d), q, q, q, q, H, d ** -0.5 * _LOG2E,
-        N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=False, SPLIT=split, ROW_SCALE=False, **_exp_args(q.dtype, False),
+        N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=False, SPLIT=split, **_switches(q.dtype),
         num_warps=warps, num_stages=stages)
     return o
 
@@ -381,45 +311,20 @@ def _sage(q, k, v, qk="int8", config=None):
         raise ValueError(f"qk must be 'int8' or 'fp8', got {qk!r}")
     B, H, N, d = q.shape
     cfg = _config(d, True, config, N)
-    q8, qs, *kv = quantize_qkv(q, k, v, cfg[0], cfg[1], qk)
-    return _sage_run(q8, qs, kv, q.dtype, cfg, row_scale=False)
-
-
-def _sage_run(q8, qs, kv, dtype, cfg, row_scale: bool):
-    B, H, N, d = q8.shape
-    k8, ks, vt8, vs, vm = kv
+    q8, qs, k8, ks, vt8, vs, vm = quantize_qkv(q, k, v, cfg[0], cfg[1], qk)
     bm, bn, warps, stages, split = cfg
-    o = alloc.empty((B, H, N, d), vt8, dtype)
+    o = alloc.empty((B, H, N, d), q)
     half = bm // split
     _attn_fwd_kernel[(triton.cdiv(N, bm), B * H)](
         _desc(q8, half, d), _desc(k8, bn, d), _desc(vt8, d, bn), _desc(o, half, d), qs, ks, vs, vm, H,
-        d ** -0.5 * _LOG2E, N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=True, SPLIT=split, ROW_SCALE=row_scale,
-        **_exp_args(dtype, True), num_warps=warps, num_stages=stages)
+        d ** -0.5 * _LOG2E, N=N, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, LOWP=True, SPLIT=split,
+        **_switches(q.dtype), num_warps=warps, num_stages=stages)
     return o
 
 
 @sage_attention.register_fake
 def _(q, k, v, qk="int8"):
     return torch.empty_like(q)
-
-
-@torch.library.custom_op("cogrt::sage_attention_q8", mutates_args=())
-def sage_attention_q8(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """sage_attention with q already in int8, one scale per row: q ≈ q8 · q_scale[..., None], q_scale (B, H, N)
-    fp32, as `kernels.qk.qk_norm_rope_q8` writes them. Out in k's dtype."""
-    _check(k, k, v)
-    B, H, N, d = k.shape
-    if q8.shape != k.shape or q8.dtype != torch.int8 or q_scale.shape != (B, H, N) or q_scale.dtype != torch.float32:
-        raise ValueError(f"q8 must be int8 {tuple(k.shape)} and q_scale fp32 {(B, H, N)}; got {q8.dtype} "
-                         f"{tuple(q8.shape)}, {q_scale.dtype} {tuple(q_scale.shape)}")
-    cfg = _config(d, True, None, N)
-    return _sage_run(_aligned(q8), q_scale.contiguous(), quantize_kv(k, v, cfg[1], "int8"), k.dtype, cfg,
-                     row_scale=True)
-
-
-@sage_attention_q8.register_fake
-def _(q8, q_scale, k, v):
-    return torch.empty_like(k)
 
 
 def sage_attention_reference(q, k, v, block_m: int, block_n: int, qk: str = "int8") -> torch.Tensor:
@@ -455,18 +360,3 @@ def sage_attention_reference(q, k, v, block_m: int, block_n: int, qk: str = "int
         acc = acc * alpha + p.to(FP8).float() @ vd[:, :, j:j + block_n]
         m = m_new
     return (acc / l * vs + vm).to(q.dtype)
-
-
-@attention.register("triton")
-def triton_backend(q, k, v):
-    return flash_attention(q, k, v)
-
-
-@attention.register("triton-fp8")
-def triton_fp8_backend(q, k, v):
-    return sage_attention(q, k, v)
-
-
-@attention.register_q8("triton-fp8")
-def triton_fp8_q8_backend(q8, q_scale, k, v):
-    return sage_attention_q8(q8, q_scale, k, v)

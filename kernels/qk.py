@@ -3,8 +3,6 @@
 It reads q and k straight out of the fused qkv projection (B, N, 3·H·d) and writes them in the (B, H, N, d)
 layout attention wants. The native path makes about four passes over q and k: the two norms, the fp32 rotation
 of the video part, and the copies back into place. The text tokens (the first `n_text`) are not rotated.
-`qk_norm_rope_q8` also quantizes q to int8 in the same pass, for the int8 attention kernel. K is left alone:
-its smoothing subtracts its mean over all tokens, which no single pass over a few tokens knows.
 Forward-only (inference); training keeps the native path.
 """
 from __future__ import annotations
@@ -21,13 +19,15 @@ from . import alloc
 # tokens per program; each program takes every head of q or of k for its tokens, so that it reads its RoPE
 # tables once, not once per head
 BLOCK_T = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 2  # the interpreter pays per program
-NUM_WARPS = 8  # with BLOCK_T = 2: 93% of copy bandwidth on the H100 (bench/kernels.py --sweep)
+# with BLOCK_T = 2, the best of bench/kernels.py's sweep (bench/RESULTS.md, "Kernels: attention, fused norms and
+# the 5B step per backend")
+NUM_WARPS = 8
 
 
 @triton.jit
-def _qk_norm_rope_kernel(qkv_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, cos_ptr, sin_ptr, q_out, k_out, q8_out, qs_out,
-                         N, n_text, eps, H: tl.constexpr, HP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_T: tl.constexpr, HAS_ROPE: tl.constexpr, QUANT_Q: tl.constexpr):
+def _qk_norm_rope_kernel(qkv_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, cos_ptr, sin_ptr, q_out, k_out, N, n_text, eps,
+                         H: tl.constexpr, HP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                         HAS_ROPE: tl.constexpr):
     t = tl.program_id(0)  # a tile of BLOCK_T tokens of batch row b
     b = tl.program_id(1)
     which = tl.program_id(2)  # 0: q, 1: k
@@ -55,21 +55,7 @@ def _qk_norm_rope_kernel(qkv_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, cos_ptr, sin_p
         ye, yo = tl.split(y.reshape(BLOCK_T, HP, HEAD_DIM // 2, 2))  # (T, HP, d/2) each
         y = y * cs + tl.join(-yo, ye).reshape(BLOCK_T, HP, HEAD_DIM) * sn  # (-y[2i+1], y[2i]) pairs
     at = ((b * H + hh)[None, :, None] * N + n[:, None, None]) * HEAD_DIM + j[None, None, :]  # in (B, H, N, d)
-    y = y.to(out.dtype.element_ty)
-    if QUANT_Q:
-        if which == 0:
-            # q as the int8 attention kernel takes it: one scale per token and head, from the values the unfused
-            # path would store (y, rounded to the stream dtype), so no tile of rows is needed
-            yf = y.to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(yf), 2), 1e-12) / 127.0  # (T, HP)
-            z = yf / scale[:, :, None]
-            tl.store(q8_out + at, (z + tl.where(z >= 0, 0.5, -0.5)).to(tl.int8), mask=ok)  # half away from 0
-            tl.store(qs_out + (b * H + hh)[None, :] * N + n[:, None], scale,
-                     mask=(n < N)[:, None] & (hh < H)[None, :])
-        else:
-            tl.store(out + at, y, mask=ok)
-    else:
-        tl.store(out + at, y, mask=ok)
+    tl.store(out + at, y.to(out.dtype.element_ty), mask=ok)
 
 
 @torch.library.custom_op("cogrt::qk_norm_rope", mutates_args=())
@@ -77,10 +63,18 @@ def qk_norm_rope(qkv: torch.Tensor, heads: int, n_text: int, wq: torch.Tensor, b
                  wk: torch.Tensor, bk: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv (B, N, 3·H·d) -> q, k (B, H, N, d): LayerNorm per head, RoPE tables (N - n_text, d) on the video part."""
+    return launch(qkv, heads, n_text, wq, bq, wk, bk, cos, sin, eps)
+
+
+def launch(qkv, heads, n_text, wq, bq, wk, bk, cos, sin, eps, block_t: int = BLOCK_T, num_warps: int = NUM_WARPS):
+    """qk_norm_rope with its launch settings given (bench/kernels.py sweeps them)."""
     B, N, _ = qkv.shape
     d = _check(qkv, heads, n_text, cos, sin)
     q, k = alloc.empty((B, heads, N, d), qkv), alloc.empty((B, heads, N, d), qkv)
-    _launch(qkv, heads, n_text, wq, bq, wk, bk, cos, sin, eps, q, k, None, None)
+    rope = cos is not None
+    _qk_norm_rope_kernel[(triton.cdiv(N, block_t), B, 2)](
+        qkv, wq, bq, wk, bk, cos if rope else qkv, sin if rope else qkv, q, k, N, n_text, eps, H=heads,
+        HP=triton.next_power_of_2(heads), HEAD_DIM=d, BLOCK_T=block_t, HAS_ROPE=rope, num_warps=num_warps)
     return q, k
 
 
@@ -96,40 +90,6 @@ def _check(qkv, heads, n_text, cos, sin) -> int:
     return d
 
 
-def _launch(qkv, heads, n_text, wq, bq, wk, bk, cos, sin, eps, q, k, q8, qs):
-    B, N, F3 = qkv.shape
-    rope = cos is not None
-    _qk_norm_rope_kernel[(triton.cdiv(N, BLOCK_T), B, 2)](
-        qkv, wq, bq, wk, bk, cos if rope else qkv, sin if rope else qkv, q if q is not None else k, k,
-        q8 if q8 is not None else k, qs if qs is not None else k, N, n_text, eps, H=heads,
-        HP=triton.next_power_of_2(heads), HEAD_DIM=F3 // (3 * heads), BLOCK_T=BLOCK_T, HAS_ROPE=rope,
-        QUANT_Q=q8 is not None, num_warps=NUM_WARPS)
-
-
-@torch.library.custom_op("cogrt::qk_norm_rope_q8", mutates_args=())
-def qk_norm_rope_q8(qkv: torch.Tensor, heads: int, n_text: int, wq: torch.Tensor, bq: torch.Tensor,
-                    wk: torch.Tensor, bk: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qk_norm_rope with q quantized in the same pass, for the int8 attention kernel: -> q8 (B, H, N, d) int8,
-    q_scale (B, H, N) fp32 (q ≈ q8 · q_scale, one scale per token and head), k (B, H, N, d). This saves the
-    attention's own pass over q: a write of q in bf16, its read, and the int8 write."""
-    B, N, _ = qkv.shape
-    d = _check(qkv, heads, n_text, cos, sin)
-    k = alloc.empty((B, heads, N, d), qkv)
-    q8 = alloc.empty((B, heads, N, d), qkv, torch.int8)
-    qs = alloc.empty((B, heads, N), qkv, torch.float32)
-    _launch(qkv, heads, n_text, wq, bq, wk, bk, cos, sin, eps, None, k, q8, qs)
-    return q8, qs, k
-
-
-@qk_norm_rope_q8.register_fake
-def _(qkv, heads, n_text, wq, bq, wk, bk, cos, sin, eps):
-    B, N, F3 = qkv.shape
-    d = F3 // (3 * heads)
-    return (qkv.new_empty(B, heads, N, d, dtype=torch.int8), qkv.new_empty(B, heads, N, dtype=torch.float32),
-            qkv.new_empty(B, heads, N, d))
-
-
 @qk_norm_rope.register_fake
 def _(qkv, heads, n_text, wq, bq, wk, bk, cos, sin, eps):
     B, N, F3 = qkv.shape
@@ -138,14 +98,21 @@ def _(qkv, heads, n_text, wq, bq, wk, bk, cos, sin, eps):
 
 
 def qk_norm_rope_reference(qkv, heads, n_text, wq, bq, wk, bk, cos, sin, eps):
-    """The engine block's native prologue (norm, then in-place RoPE on the video tokens)."""
-    from engine.model import apply_rope
+    """The block's native prologue: norm, then RoPE on the video tokens (interleaved pairs, in fp32)."""
     B, N, _ = qkv.shape
     q, k, _ = qkv.view(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, d)
     d = q.shape[-1]
     q = torch.nn.functional.layer_norm(q.float(), (d,), wq.float(), bq.float(), eps).to(qkv.dtype)
     k = torch.nn.functional.layer_norm(k.float(), (d,), wk.float(), bk.float(), eps).to(qkv.dtype)
     if cos is not None:
-        q[:, :, n_text:] = apply_rope(q[:, :, n_text:], cos, sin)
-        k[:, :, n_text:] = apply_rope(k[:, :, n_text:], cos, sin)
+        q[:, :, n_text:] = rope_reference(q[:, :, n_text:], cos, sin)
+        k[:, :, n_text:] = rope_reference(k[:, :, n_text:], cos, sin)
     return q.contiguous(), k.contiguous()
+
+
+def rope_reference(x, cos, sin):
+    """x (B, H, S, d) with each pair (x[2i], x[2i+1]) rotated by the tables (S, d)."""
+    xf = x.float()
+    pairs = xf.unflatten(-1, (-1, 2))  # (B, H, S, d/2, 2)
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (B, H, S, d)
+    return (xf * cos + rotated * sin).to(x.dtype)

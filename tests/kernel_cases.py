@@ -8,7 +8,7 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" els
 
 def transformer_case(checkpoint):
     """The tiny 5B-layout transformer (RoPE) on DEV, with one small input: (model, x, text, t)."""
-    from engine.loader import load_transformer
+    from cogrt.engine.loader import load_transformer
     model = load_transformer(checkpoint("5b") / "transformer").to(DEV)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, model.cfg.in_channels, 6, 10, generator=g).to(DEV)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from bench.adherence import Detection, degrade, detect, main, score
-from engine.video import read_mp4, write_mp4
-from train.synthetic import Scene, render, sample_scenes, write_dataset
+from cogrt.train.adherence import Detection, degrade, detect, main, score
+from cogrt.engine.video import read_mp4, write_mp4
+from cogrt.train.synthetic import Scene, render, sample_scenes, write_dataset
 
 SIZES = [(17, 64, 64), (49, 128, 128)]
 

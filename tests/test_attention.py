@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine
-from engine import attention
-from engine.loader import load_transformer
+import cogrt.engine as engine
+from helpers import rel_err
+from cogrt.engine import attention
+from cogrt.engine.loader import load_transformer
 
 BACKENDS = attention.available()
 GPU_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
@@ -25,9 +26,6 @@ def reference(q, k, v):
 EXACT = [b for b in BACKENDS if b not in attention.LOW_PRECISION]
 LOW = [b for b in BACKENDS if b in attention.LOW_PRECISION]
 
-
-def rel_err(got, want):
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -63,8 +61,8 @@ def test_model_with_backend_matches_sdpa(checkpoint, name):
     t = torch.tensor([613.0])
     with torch.no_grad():
         want = model(x, text, t)
-        model.set_attention_backend(name)
-        assert all(b.attn_backend == name for b in model.blocks)
+        attention.set_attention(model, name)
+        assert all(b.attend.backend == name for b in model.blocks)
         got = model(x, text, t)
     if low:  # the bound the issue sets for the 5B step: 3e-2
         assert rel_err(got, want) <= 3e-2
@@ -76,10 +74,10 @@ def test_model_with_backend_matches_sdpa(checkpoint, name):
 def test_unknown_backend(checkpoint):
     model = load_transformer(checkpoint("5b") / "transformer")
     with pytest.raises(ValueError, match="no-such-backend") as e:
-        model.set_attention_backend("no-such-backend")
+        attention.set_attention(model, "no-such-backend")
     for name in BACKENDS:
         assert name in str(e.value)
-    assert all(b.attn_backend == "sdpa" for b in model.blocks)  # unchanged
+    assert all(type(b.attend).__name__ == "SDPA" for b in model.blocks)  # unchanged
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="available"):
         attention.attend(q, q, q, "no-such-backend")
@@ -91,8 +89,8 @@ def test_cudnn_fp8_quantization_on_the_cpu():
     """cudnn-fp8's own part, its quantization, runs anywhere: contiguous e4m3 copies of strided views, V's
     per-channel scale and mean undone exactly, and the softmax of the dequantized inputs within the fp8 bound
     on realistic inputs (the cuDNN call itself needs a Hopper GPU: tests/test_kernels_attention.py)."""
-    from bench.kernels import as_projection_views, realistic_qkv
-    from engine import attention_cudnn as ac
+    from helpers import as_projection_views, realistic_qkv
+    from cogrt.engine import attention_cudnn as ac
     q, k, v = as_projection_views(*realistic_qkv(2, 3, 263, 64, seed=2))
     assert not q.is_contiguous()
     q8, k8, v8, dq, dk, v_scale, v_mean = ac.quantize(q, k, v)
@@ -111,7 +109,7 @@ def test_cudnn_fp8_is_a_custom_op_that_traces():
     dtype, so the trace never runs cuDNN (which needs a Hopper GPU)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from engine import attention_cudnn  # noqa: F401  (registers the op)
+    from cogrt.engine import attention_cudnn  # noqa: F401  (registers the op)
     with FakeTensorMode():
         q = torch.empty(2, 3, 263, 64, dtype=torch.bfloat16)
         out = torch.ops.cogrt.cudnn_fp8_attention(q, q, q)

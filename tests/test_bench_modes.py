@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from engine import modes
+from cogrt.engine import modes
 
 TINY = ["--device", "cpu", "--preset", "tiny-5b", "--frames", "9", "--height", "32", "--width", "32"]
 
@@ -36,7 +36,7 @@ def cpu_fast(mode, dev):
 
 
 def test_modes_benchmark(tmp_path, monkeypatch):
-    from bench import modes as bench_modes
+    from cogrt.bench import modes as bench_modes
     monkeypatch.setattr(bench_modes, "our_transforms", cpu_fast)
     out, results = tmp_path / "modes.json", tmp_path / "RESULTS.md"
     argv = TINY + ["--steps", "2", "--rows", "fast,int8-weight-only,exact,fp8,int8-dynamic", "--fast-real",
@@ -74,17 +74,17 @@ def test_modes_benchmark(tmp_path, monkeypatch):
     assert fast["latents_rel_err_vs_diffusers"] is None  # 50 steps against the baseline's 2: not comparable
     assert fast["e2e_s"] == pytest.approx(fast["text_s"] + fast["denoise_s"] + fast["decode_s"], rel=0.05)
     text = results.read_text()
-    assert "python -m bench.modes" in text and "| exact |" in text and "skipped" in text
+    assert "python -m cogrt.bench.modes" in text and "| exact |" in text and "skipped" in text
 
 
 def test_modes_benchmark_refuses_unknown_rows():
-    from bench import modes as bench_modes
+    from cogrt.bench import modes as bench_modes
     with pytest.raises(SystemExit):
         bench_modes.parse(TINY + ["--rows", "exact,turbo"])
 
 
 def test_coldstart(tmp_path):
-    from bench.coldstart import main
+    from cogrt.bench.coldstart import main
     out, results = tmp_path / "cold.json", tmp_path / "RESULTS.md"
     meta = main(TINY + ["--mode", "exact", "--compile", "--json", str(out), "--results", str(results)])
     assert json.loads(out.read_text())["runs"].keys() == {"cold", "warm"}
@@ -99,25 +99,11 @@ def test_coldstart(tmp_path):
     # the second child found the first one's compiled code
     assert warm["stages"]["warm_up"] < 0.6 * cold["stages"]["warm_up"], (cold["stages"], warm["stages"])
     text = results.read_text()
-    assert "python -m bench.coldstart" in text and "| cold |" in text and "| warm |" in text
-
-
-def test_coldstart_keeps_the_pipeline_defaults_unless_told(monkeypatch):
-    """Without --imports the server's default (imports beside the read) is what gets timed."""
-    import engine.pipeline as p
-    from bench.coldstart import pipeline_settings
-    monkeypatch.setattr(p, "IMPORTS_BESIDE_READ", True)
-    monkeypatch.setattr(p, "READ_SWITCH_INTERVAL", 1e-4)
-    pipeline_settings(None, None)
-    assert p.IMPORTS_BESIDE_READ is True and p.READ_SWITCH_INTERVAL == 1e-4
-    pipeline_settings("after", 5e-3)
-    assert p.IMPORTS_BESIDE_READ is False and p.READ_SWITCH_INTERVAL == 5e-3
-    pipeline_settings("beside", None)
-    assert p.IMPORTS_BESIDE_READ is True
+    assert "python -m cogrt.bench.coldstart" in text and "| cold |" in text and "| warm |" in text
 
 
 def test_coldstart_refuses_a_used_cache(tmp_path):
-    from bench.coldstart import main
+    from cogrt.bench.coldstart import main
     (tmp_path / "old").mkdir()
     with pytest.raises(SystemExit):
         main(TINY + ["--cache-dir", str(tmp_path)])
@@ -127,7 +113,7 @@ LORA = ["--device", "cpu", "--preset", "tiny-5b", "--mode", "int8-weight-only", 
 
 
 def test_lora_switch(tmp_path):
-    from bench.lora_switch import main
+    from cogrt.bench.lora_switch import main
     out, results = tmp_path / "lora.json", tmp_path / "RESULTS.md"
     meta = main(LORA + ["--json", str(out), "--results", str(results)])
     assert json.loads(out.read_text())["switches"].keys() == {"none->A", "A->A", "A->B", "B->none"}
@@ -137,20 +123,20 @@ def test_lora_switch(tmp_path):
     for name in ("none->A", "A->B", "B->none"):
         assert len(sw[name]["samples_s"]) == 2 and all(0 < x < 10 for x in sw[name]["samples_s"]), sw[name]
         assert math.isclose(sw[name]["median_s"], sum(sw[name]["samples_s"]) / 2)
-    assert "python -m bench.lora_switch" in results.read_text() and "| A->B |" in results.read_text()
+    assert "python -m cogrt.bench.lora_switch" in results.read_text() and "| A->B |" in results.read_text()
 
 
 def test_lora_switch_from_a_checkpoint(checkpoint):
     """--model: the originals come from the checkpoint file at the first switch, and are kept after it."""
-    from bench.lora_switch import main
+    from cogrt.bench.lora_switch import main
     meta = main(LORA + ["--model", str(checkpoint("5b"))])
     assert "originals read from it" in meta["weights"] and meta["layers_rewritten"] == 4
     assert all(len(meta["switches"][s]["samples_s"]) == 2 for s in ("none->A", "A->B", "B->none"))
 
 
 def test_lora_switch_notices_a_switch_that_does_nothing(monkeypatch):
-    from bench.lora_switch import main
-    from engine.lora import LoraState
+    from cogrt.bench.lora_switch import main
+    from cogrt.engine.lora import LoraState
     monkeypatch.setattr(LoraState, "switch", lambda self, loras, key=None: setattr(self, "key", key))
     with pytest.raises(RuntimeError, match="changed=False"):
         main(LORA)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import cli
-from engine.loader import inspect_checkpoint
+from cogrt.engine import cli
+from cogrt.engine.loader import inspect_checkpoint
 
 
 def test_bundled_model_is_complete_and_small():
@@ -31,13 +31,13 @@ QUALITY = dict(num_frames=49, height=128, width=128, num_inference_steps=30, gui
 
 @pytest.fixture(scope="module")
 def bundled():
-    from engine.pipeline import load_pipeline
+    from cogrt.engine.pipeline import load_pipeline
     return load_pipeline(cli.BUNDLED_MODEL, device="cpu", dtype=torch.float32)
 
 
 def test_bundled_model_follows_held_out_prompts(bundled):
-    from bench.adherence import score
-    from train.synthetic import caption, sample_scenes
+    from cogrt.train.adherence import score
+    from cogrt.train.synthetic import caption, sample_scenes
     scenes = sample_scenes(50, 7, "heldout")[:4]  # the eval's first prompts and seeds
     pairs = [(sc, bundled.generate(caption(sc), seed=i, **QUALITY).frames) for i, sc in enumerate(scenes)]
     res = score(pairs)
@@ -45,7 +45,7 @@ def test_bundled_model_follows_held_out_prompts(bundled):
 
 
 def test_demo_lora_teaches_purple(bundled):
-    from bench.adherence import detect
+    from cogrt.train.adherence import detect
     prompt = "a purple square moving left on a black background"
     lora = cli.BUNDLED_MODEL.parent / "cogrt-tiny-concepts-lora" / "pytorch_lora_weights.safetensors"
     base = detect(bundled.generate(prompt, seed=0, **QUALITY).frames)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import engine
-from engine.cli import _lora_arg, _parser, main
-from engine.video import read_mp4
+import cogrt.engine as engine
+from cogrt.engine.cli import _lora_arg, _parser, main
+from cogrt.engine.video import read_mp4
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-import engine
-from conftest import VARIANTS, diffusers_rope
-from engine import attention
-from engine.loader import load_transformer
+import cogrt.engine as engine
+from conftest import VARIANTS
+from helpers import diffusers_rope
+from helpers import rel_err
+from cogrt.engine import attention
+from cogrt.engine.loader import load_transformer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.float(), want.float()
-    return ((got - want).norm() / want.norm()).item()
 
 
 def test_pipeline_bf16_cuda(checkpoint):

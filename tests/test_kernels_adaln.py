@@ -4,7 +4,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from kernels import adaln  # noqa: E402
+from cogrt.kernels import adaln  # noqa: E402
 
 from tests.kernel_cases import DEV, DTYPES  # noqa: E402
 
@@ -38,13 +38,12 @@ def test_adaln_modulate_matches_reference(dtype, shape, affine):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 8])
-def test_adaln_modulate_row_tiles(monkeypatch, rows):
+def test_adaln_modulate_row_tiles(rows):
     """Rows-per-program settings the sweep can pick (2 is the GPU's default): tiles that end inside a stream, a
     stream shorter than a tile, no text, no affine, and a text/video boundary inside what one tile would cover."""
-    monkeypatch.setattr(adaln, "ROWS", rows)
     for shape, affine in [((2, 13, 5, 96), True), ((3, 16, 0, 64), False), ((1, 1, 9, 32), True)]:
         x, c, w, b, mod = inputs(*shape, torch.float16, affine)
-        out = adaln.adaln_modulate(x, c, w, b, mod, 1e-5)
+        out = adaln.launch_modulate(x, c, w, b, mod, 1e-5, rows)
         ref = adaln.adaln_modulate_reference(x, c, w, b, mod, 1e-5)
         assert not out.isnan().any()
         torch.testing.assert_close(out.float(), ref.float(), rtol=2e-3, atol=2e-3 * ref.abs().max().item())
@@ -67,7 +66,7 @@ def test_gated_residual_matches_reference(dtype, shape):
 
 def test_reference_is_what_the_engine_block_computes():
     """The reference is the block's own modulate: the kernel is checked against the real thing."""
-    from engine.model import PRESETS, Block
+    from cogrt.engine.model import PRESETS, Block
     cfg = PRESETS["tiny-5b"]
     block = Block(cfg).to(DEV)
     x, c, _, _, mod = inputs(2, 9, 4, cfg.dim, torch.float32)

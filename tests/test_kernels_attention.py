@@ -4,11 +4,11 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from kernels import attention as fa  # noqa: E402
+from cogrt.kernels import attention as fa  # noqa: E402
 
-from engine import attention  # noqa: E402
+from cogrt.engine import attention  # noqa: E402
 
-from bench.kernels import as_projection_views, quantize_rows, realistic_qkv, sampled_error  # noqa: E402
+from helpers import as_projection_views, realistic_qkv, rel_err as rel, sampled_error  # noqa: E402
 from tests.kernel_cases import DEV, DTYPES, transformer_case  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
@@ -65,64 +65,18 @@ def test_sage_attention_matches_its_reference(qk, B, H, N, d):
     assert rel(out.cpu(), ref) < (2e-3 if qk == "int8" else 6e-3)
 
 
-@pytest.mark.parametrize("split,magic", [(2, True), (2, False), (1, True)])
-def test_split_query_tile_and_integer_conversion(monkeypatch, split, magic):
-    """The query tile whole or as two halves that share the key loads, and the int8 scores converted by the
-    mantissa trick or by I2F: both kernels stay within their tolerances, the last partial tile included."""
-    monkeypatch.setattr(fa, "_INTERPRET_CONFIG", (32, 32, 4, 1, split))
-    monkeypatch.setattr(fa, "MAGIC_I2F", magic)
+@pytest.mark.parametrize("split", [2, 1])
+def test_split_query_tile(split):
+    """The query tile whole or as two halves that share the key loads: both kernels stay within their
+    tolerances, the last partial tile included."""
+    config = (32, 32, 4, 1, split)
     B, H, N, d = 1, 2, 226 + 70, 64  # 9 full interpreter tiles and a partial one
     q, k, v = qkv(B, H, N, d, torch.float16, seed=5)
     ref = attention.attend(q.float(), k.float(), v.float(), "sdpa-math")
-    torch.testing.assert_close(fa.flash_attention(q, k, v).float(), ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(fa._flash(q, k, v, config).float(), ref, rtol=2e-3, atol=2e-3)
     q, k, v = (t.half().to(DEV) for t in realistic_qkv(B, H, N, d))
-    bm, bn = fa._config(d, True)[:2]
-    ref = fa.sage_attention_reference(q.cpu(), k.cpu(), v.cpu(), bm, bn, "int8")
-    assert rel(fa.sage_attention(q, k, v, "int8").cpu(), ref) < 2e-3
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-@pytest.mark.parametrize("split", [1, 2])
-def test_sage_attention_with_prequantized_q_matches_its_reference(monkeypatch, split):
-    """One q scale per row (ROW_SCALE) is the reference with a q tile of one row, in both tile forms."""
-    monkeypatch.setattr(fa, "_INTERPRET_CONFIG", (32, 32, 4, 1, split))
-    B, H, N, d = 1, 2, 226 + 70, 64
-    q, k, v = (t.half().to(DEV) for t in realistic_qkv(B, H, N, d, seed=4))
-    out = fa.sage_attention_q8(*quantize_rows(q), k, v)
-    ref = fa.sage_attention_reference(q.cpu(), k.cpu(), v.cpu(), 1, fa._config(d, True)[1], "int8")
-    assert out.shape == q.shape and out.dtype == torch.float16 and not out.isnan().any()
-    assert rel(out.cpu(), ref) < 2e-3
-
-
-def test_sage_attention_q8_rejects_bad_input():
-    q = torch.randn(1, 1, 8, 64, device=DEV, dtype=torch.float16)
-    q8, qs = quantize_rows(q)
-    with pytest.raises(ValueError, match="int8"):
-        fa.sage_attention_q8(q8.half(), qs, q, q)
-    with pytest.raises(ValueError, match="q_scale"):
-        fa.sage_attention_q8(q8, qs[..., :4], q, q)
-
-
-def test_transformer_with_q_quantized_in_the_prologue(checkpoint, monkeypatch):
-    """FUSE_Q_QUANT: the block's fused path hands the prologue's int8 q to the backend. Against triton-fp8
-    quantizing q itself, and against sdpa."""
-    model, x, text, t = transformer_case(checkpoint)
-    calls = []
-    plain_q8 = fa.sage_attention_q8
-    monkeypatch.setattr(fa, "sage_attention_q8", lambda *a: calls.append(1) or plain_q8(*a))
-    with torch.no_grad():
-        ref = model(x, text, t)
-        model.set_fused_norms(True)
-        model.set_attention_backend("triton-fp8")
-        tile = model(x, text, t)
-        assert not calls
-        monkeypatch.setattr(attention, "FUSE_Q_QUANT", True)
-        row = model(x, text, t)
-    assert len(calls) == len(model.blocks)
-    assert rel(row, ref) < 3e-2 and rel(tile, ref) < 3e-2 and not torch.equal(row, tile)
+    ref = fa.sage_attention_reference(q.cpu(), k.cpu(), v.cpu(), 32, 32, "int8")
+    assert rel(fa._sage(q, k, v, "int8", config).cpu(), ref) < 2e-3
 
 
 def test_quantize_qkv_scales_and_padding():
@@ -161,7 +115,6 @@ def test_real_shape_low_precision(heads, N):
     full fp32 scores would not fit); the issue's bound is 3e-2."""
     q, k, v = realistic_qkv(2, heads, N, 64, seed=heads, device=DEV, dtype=torch.bfloat16)
     assert sampled_error(fa.sage_attention(q, k, v), q, k, v) < 3e-2
-    assert sampled_error(fa.sage_attention_q8(*quantize_rows(q), k, v), q, k, v) < 3e-2
     assert sampled_error(fa.flash_attention(q, k, v), q, k, v) < 5e-3
 
 
@@ -184,7 +137,7 @@ def test_transformer_with_triton_attention_matches_sdpa(checkpoint):
     model, x, text, t = transformer_case(checkpoint)
     with torch.no_grad():
         ref = model(x, text, t)
-        model.set_attention_backend("triton")
+        attention.set_attention(model, "triton")
         out = model(x, text, t)
     assert (out - ref).norm() / ref.norm() < 1e-5
 
@@ -206,10 +159,10 @@ def test_cudnn_fp8_on_realistic_inputs():
 def test_cudnn_fp8_block_compiles_whole():
     """cudnn-fp8 is a custom op: inductor compiles the block fullgraph around it, and agrees with eager."""
     pytest.importorskip("cudnn")
-    from engine.model import PRESETS, Block, rope_3d
+    from cogrt.engine.model import PRESETS, Block, rope_3d
     cfg = PRESETS["tiny-5b"]
     block = Block(cfg).to(DEV, torch.bfloat16).eval()
-    block.attn_backend = "cudnn-fp8"
+    block.attend = attention.Attention("cudnn-fp8")
     cos, sin = rope_3d(cfg, 2, 4, 6, DEV)  # 48 video tokens
     g = torch.Generator().manual_seed(0)
     x, c = (torch.randn(2, n, cfg.dim, generator=g).to(DEV, torch.bfloat16) for n in (48, 7))

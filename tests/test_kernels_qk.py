@@ -3,9 +3,9 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from kernels import qk  # noqa: E402
+from cogrt.kernels import qk  # noqa: E402
 
-from bench.kernels import quantize_rows  # noqa: E402
+from cogrt.engine.fused import FusedBlock, fuse_norms  # noqa: E402
 from tests.kernel_cases import DEV, DTYPES, transformer_case  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
@@ -38,20 +38,6 @@ def test_qk_norm_rope_matches_reference(dtype, B, N, n_text, H, d, rope):
         torch.testing.assert_close(got.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype] * 4)
 
 
-@pytest.mark.parametrize("B,N,n_text,H,d", [(1, 226 + 37, 226, 3, 64), (2, 12, 5, 4, 16)])
-def test_qk_norm_rope_q8_quantizes_what_qk_norm_rope_writes(B, N, n_text, H, d):
-    """The fused form writes the same k, and q as int8 with one scale per token and head: the rounding of the
-    q that the plain prologue writes."""
-    qkv, (wq, bq, wk, bk), cos, sin = inputs(B, N, n_text, H, d, torch.float16)
-    q, k = qk.qk_norm_rope(qkv, H, n_text, wq, bq, wk, bk, cos, sin, 1e-6)
-    q8, qs, k2 = qk.qk_norm_rope_q8(qkv, H, n_text, wq, bq, wk, bk, cos, sin, 1e-6)
-    assert torch.equal(k2, k) and q8.dtype == torch.int8 and qs.shape == (B, H, N)
-    torch.testing.assert_close(qs, q.float().abs().amax(-1) / 127, rtol=1e-6, atol=0)
-    want = quantize_rows(q)[0].float()
-    assert (q8.float() - want).abs().max() <= 1 and (q8.float() == want).float().mean() > 0.99
-    assert (q8.abs().amax(-1) == 127).all()  # every row uses the whole range (and was written: poison is -128)
-
-
 def test_text_tokens_are_not_rotated():
     qkv, (wq, bq, wk, bk), cos, sin = inputs(1, 12, 5, 2, 16, torch.float32)
     q, _ = qk.qk_norm_rope(qkv, 2, 5, wq, bq, wk, bk, cos, sin, 1e-6)
@@ -59,10 +45,9 @@ def test_text_tokens_are_not_rotated():
     assert torch.equal(q[:, :, :5], q0[:, :, :5]) and not torch.allclose(q[:, :, 5:], q0[:, :, 5:])
 
 
-def test_reference_is_the_engine_block(monkeypatch):
+def test_reference_is_the_engine_block():
     """The reference must be what Block.attention does, so capture the q, k the block hands to attention."""
-    from engine import attention
-    from engine.model import PRESETS, Block, rope_3d
+    from cogrt.engine.model import PRESETS, Block, rope_3d
     cfg = PRESETS["tiny-5b"]
     block = Block(cfg).to(DEV)
     with torch.no_grad():
@@ -72,7 +57,7 @@ def test_reference_is_the_engine_block(monkeypatch):
     cos, sin = rope_3d(cfg, 2, 2, 3, DEV)  # 12 video tokens
     h = torch.randn(2, 4 + 12, cfg.dim, device=DEV)
     seen = {}
-    monkeypatch.setattr(attention, "attend", lambda q, k, v, name: seen.update(q=q.clone(), k=k.clone()) or v)
+    block.attend.register_forward_hook(lambda mod, args, out: seen.update(q=args[0].clone(), k=args[1].clone()))
     with torch.no_grad():
         block.attention(h, (cos, sin), 4)
         qkv = block.qkv(h)
@@ -87,7 +72,8 @@ def test_transformer_with_fused_norms_matches_native(checkpoint):
     model, x, text, t = transformer_case(checkpoint)
     with torch.no_grad():
         ref = model(x, text, t)
-        model.set_fused_norms(True)
+        fuse_norms(model)
+        assert all(isinstance(b, FusedBlock) for b in model.blocks)
         out = model(x, text, t)
     assert not out.isnan().any()
     assert (out - ref).norm() / ref.norm() < 1e-5
@@ -102,18 +88,15 @@ def test_real_shape_bf16():
         torch.testing.assert_close(got.float(), ref.float(), rtol=1.6e-2, atol=6.4e-2)
 
 
-@pytest.mark.parametrize("q8", [False, True])
-def test_fused_block_traces_whole_under_torch_compile(monkeypatch, q8):
-    """The kernels are torch.library ops with fake implementations, so Dynamo captures the block in one graph;
-    `q8`: triton-fp8 attention with q quantized in the prologue."""
-    from engine import attention
-    from engine.model import PRESETS, Block, rope_3d
+@pytest.mark.parametrize("backend", ["sdpa", "triton-fp8"])
+def test_fused_block_traces_whole_under_torch_compile(backend):
+    """The kernels are torch.library ops with fake implementations, so Dynamo captures the block in one graph,
+    with our attention kernel too."""
+    from cogrt.engine import attention
+    from cogrt.engine.model import PRESETS, rope_3d
     cfg = PRESETS["tiny-5b"]
-    block = Block(cfg).to(DEV).eval()
-    block.fused_norms = True
-    if q8:
-        monkeypatch.setattr(attention, "FUSE_Q_QUANT", True)
-        block.attn_backend = "triton-fp8"
+    block = FusedBlock(cfg).to(DEV).eval()
+    block.attend = attention.Attention(backend)
     cos, sin = rope_3d(cfg, 1, 2, 3, DEV)  # 6 video tokens
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(1, 6, cfg.dim, generator=g).to(DEV), torch.randn(1, 4, cfg.dim, generator=g).to(DEV)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import loader
+from cogrt.engine import loader
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import engine
-from engine.lora import read_lora
+import cogrt.engine as engine
+from cogrt.engine.lora import read_lora
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 REQ = dict(negative_prompt="blurry", num_frames=9, height=64, width=80, num_inference_steps=3, guidance_scale=6.0)

@@ -6,10 +6,11 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_sincos_pos_embed
 
-from conftest import VARIANTS, diffusers_rope
-from engine.loader import load_transformer
-from engine.model import rope_3d, sincos_3d
-from engine.random_model import tiny_config
+from conftest import VARIANTS
+from helpers import diffusers_rope
+from cogrt.engine.loader import load_transformer
+from cogrt.engine.model import rope_3d, sincos_3d
+from cogrt.engine.random_model import tiny_config
 
 
 def run_both(ckpt, frames: int, h: int, w: int, batch: int = 2, seed: int = 0):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from engine import OutOfMemory, load_pipeline
+from cogrt.engine import OutOfMemory, load_pipeline
 
 
 def test_oom_suggests_tiling_and_offload(checkpoint, monkeypatch):

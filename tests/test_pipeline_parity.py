@@ -7,7 +7,8 @@ import torch
 from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
 from PIL import Image
 
-from conftest import VARIANTS, random_image
+from conftest import VARIANTS
+from helpers import random_image
 
 PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
 NEGATIVE = "blurry, low quality"

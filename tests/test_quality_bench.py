@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from bench.adherence import degrade
-from bench.quality import main, markdown, plot, psnr, ssim
-from train.synthetic import render, sample_scenes
+from cogrt.train.adherence import degrade
+from cogrt.bench.quality import main, markdown, plot, psnr, ssim
+from cogrt.train.synthetic import render, sample_scenes
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from train.synthetic import (BASE_COLORS, BASE_SHAPES, BACKGROUNDS, COLORS, DIRECTIONS, N_HELDOUT, Scene,
+from cogrt.train.synthetic import (BASE_COLORS, BASE_SHAPES, BACKGROUNDS, COLORS, DIRECTIONS, N_HELDOUT, Scene,
                              background, caption, combos, parse, read_metadata, render, sample_scenes,
                              write_dataset)
 
@@ -98,7 +98,7 @@ def test_render_fast():
 
 
 def test_write_dataset(tmp_path):
-    from engine.video import read_mp4
+    from cogrt.engine.video import read_mp4
     out = write_dataset(tmp_path / "d", 4, seed=0, frames=9, height=64, width=64, split="train")
     prompts = (out / "prompts.txt").read_text().splitlines()
     videos = (out / "videos.txt").read_text().splitlines()

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_image
+from helpers import random_image
 
-from engine import cli, teacache
-from engine.model import PRESETS
-from engine.random_model import random_transformer
-from engine.request import GenerationRequest
+from cogrt.engine import cli, teacache
+from cogrt.engine.model import PRESETS
+from cogrt.engine.random_model import random_transformer
+from cogrt.engine.request import GenerationRequest
 
 KW = dict(num_frames=9, height=64, width=64, num_inference_steps=6, seed=0)
 PROMPT = "a lighthouse in a storm"
@@ -203,7 +203,7 @@ def test_request_checks():
 
 
 def test_calibrate_cache_on_the_bundled_model(tmp_path, capsys):
-    from engine.pipeline import load_pipeline
+    from cogrt.engine.pipeline import load_pipeline
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving right on a black background\n\n"
                        "a blue square moving up on a white background\n")

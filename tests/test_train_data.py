@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from engine.video import write_mp4
-from train.data import (BadVideo, DataError, Record, decode_video, parse_buckets, pick_bucket, probe_video,
+from cogrt.engine.video import write_mp4
+from cogrt.train.data import (BadVideo, DataError, Record, decode_video, parse_buckets, pick_bucket, probe_video,
                         read_manifest)
-from train.precompute import BucketBatchSampler, LatentDataset, PrecomputeError, collate, main, precompute
+from cogrt.train.precompute import BucketBatchSampler, LatentDataset, PrecomputeError, collate, main, precompute
 
 
 def gray_video(path, n, h=48, w=80, step=12):
@@ -26,7 +26,7 @@ def gray_video(path, n, h=48, w=80, step=12):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """3 good synthetic 9x64x64 clips + a corrupt file + a 5-frame clip + an empty caption, txt layout."""
-    from train.synthetic import write_dataset
+    from cogrt.train.synthetic import write_dataset
     d = write_dataset(tmp_path_factory.mktemp("videos"), n=3, seed=0, frames=9, height=64, width=64)
     (d / "videos" / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(2000))
     gray_video(d / "videos" / "short.mp4", 5)

@@ -6,10 +6,10 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from engine.loader import load_transformer
-from engine.random_model import write_random_checkpoint
-from train.precompute import precompute
-from train.synthetic import write_dataset
+from cogrt.engine.loader import load_transformer
+from cogrt.engine.random_model import write_random_checkpoint
+from cogrt.train.precompute import precompute
+from cogrt.train.synthetic import write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,12 @@ def world(tmp_path_factory):
 
 def torchrun(root, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "engine.cli", "train", "--model", str(root / "ckpt"), "--data", str(root / "latents"), "--device", "cpu",
+           "cogrt.engine.cli", "train", "--model", str(root / "ckpt"), "--data", str(root / "latents"), "--device", "cpu",
            "--mixed-precision", "no", "--batch-size", "2", "--log-every", "2", "--checkpoint-every", "4", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
+    return p.stdout + p.stderr  # the trainer's progress is logged, on stderr
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -3,11 +3,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.random_model import write_random_checkpoint
-from train.loop import TrainConfig, _alphas_cumprod, train
-from train.objective import Batch, LatentScale, model_inputs, v_loss
-from train.precompute import LatentDataset, precompute
-from train.synthetic import write_dataset
+from cogrt.engine.random_model import write_random_checkpoint
+from cogrt.train.loop import TrainConfig, _alphas_cumprod, train
+from cogrt.train.objective import Batch, LatentScale, model_inputs, v_loss
+from cogrt.train.precompute import LatentDataset, precompute
+from cogrt.train.synthetic import write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def config(root, ckpt, latents, out, **kw):
 
 
 def test_full_training_makes_the_loss_fall(world):
-    from engine.loader import load_transformer
+    from cogrt.engine.loader import load_transformer
     root, ckpt, latents = world
     before = fixed_loss(load_transformer(ckpt / "transformer"), latents, ckpt)
     res = train(config(root, ckpt, latents, "full", method="full", steps=60, lr=2e-3, caption_dropout=0.1))
@@ -52,8 +52,8 @@ def test_full_training_makes_the_loss_fall(world):
 
 
 def test_lora_training_makes_the_loss_fall_and_exports_for_serving(world):
-    from engine.loader import load_transformer
-    from engine.lora import FusedLoras, read_lora
+    from cogrt.engine.loader import load_transformer
+    from cogrt.engine.lora import FusedLoras, read_lora
     root, ckpt, latents = world
     base = load_transformer(ckpt / "transformer")
     before = fixed_loss(base, latents, ckpt)

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-import engine
-from engine.loader import load_transformer
-from engine.lora import FusedLoras, read_lora
-from train.lora import add_lora, base_state_dict, lora_layers, save_lora
+import cogrt.engine as engine
+from cogrt.engine.loader import load_transformer
+from cogrt.engine.lora import FusedLoras, read_lora
+from cogrt.train.lora import add_lora, base_state_dict, lora_layers, save_lora
 
 REQ = dict(negative_prompt="", num_frames=9, height=64, width=80, num_inference_steps=3, guidance_scale=6.0)
 
@@ -89,7 +89,7 @@ def sat_name(key: str) -> str:
 def test_sat_loras_get_scale_one_over_r(checkpoint, tmp_path):
     """SAT's LoRA has alpha 1. Its own key names are recognised; a file renamed to diffusers keys by CogVideo's
     export script carries no header, and `cogrt convert-lora --from sat` writes the header that diffusers needs."""
-    from engine import cli
+    from cogrt.engine import cli
     root = checkpoint("5b")
     r = 4
     ref_path = save_lora(tmp_path / "ref.safetensors", trained_lora_model(root, r, 1.0, seed=4))  # scale 1/r

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from bench import train_memory
+from cogrt.bench import train_memory
 from tests.test_train_lora import trained_lora_model
 
 

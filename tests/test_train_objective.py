@@ -1,9 +1,9 @@
 """The training objective against a direct calculation with diffusers' own scheduler arithmetic."""
 import torch
 
-from engine.loader import load_transformer
-from train.objective import Batch, LatentScale, model_inputs, v_loss
-from train.loop import _alphas_cumprod
+from cogrt.engine.loader import load_transformer
+from cogrt.train.objective import Batch, LatentScale, model_inputs, v_loss
+from cogrt.train.loop import _alphas_cumprod
 
 
 def test_v_loss_equals_weighted_x0_and_v_mse(checkpoint):
@@ -34,7 +34,7 @@ def test_v_loss_equals_weighted_x0_and_v_mse(checkpoint):
 
 
 def test_model_inputs_i2v_padding_and_dropout():
-    from engine.model import PRESETS
+    from cogrt.engine.model import PRESETS
     cfg = PRESETS["tiny-1.5-5b-i2v"]
     g = torch.Generator().manual_seed(0)
     mean, logvar = torch.randn(3, 16, 3, 4, 4, generator=g), torch.full((3, 16, 3, 4, 4), -20.0)

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 
 from .lora import ATTENTION
-from .loop import TrainConfig, train
 
 
-def add_train_parser(sub) -> None:
+def add_commands(sub) -> None:
+    """The trainer's subcommands."""
     t = sub.add_parser("train", help="LoRA or full fine-tuning on precomputed latents (torchrun for several GPUs)")
+    t.set_defaults(func=cmd_train)
     t.add_argument("--model", required=True, help="base checkpoint directory (diffusers layout)")
     t.add_argument("--data", required=True, help="a folder written by `cogrt precompute`")
     t.add_argument("--out", required=True)
@@ -40,6 +41,7 @@ def add_train_parser(sub) -> None:
     t.add_argument("--device", default=None)
 
     p = sub.add_parser("precompute", help="cache VAE latents and T5 embeddings of a video dataset")
+    p.set_defaults(func=cmd_precompute)
     p.add_argument("--data", required=True, help="folder (prompts.txt + videos.txt) or a .csv / .jsonl file")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
@@ -49,6 +51,7 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train(a) -> int:
+    from .loop import TrainConfig, train
     tc = TrainConfig(model=a.model, data=a.data, out=a.out, method=a.method, from_scratch=a.from_scratch,
                      rank=a.rank, alpha=a.alpha if a.alpha is not None else float(a.rank),
                      targets=tuple(x for x in a.targets.split(",") if x), steps=a.steps, batch_size=a.batch_size,

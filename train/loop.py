@@ -8,6 +8,7 @@ applied exactly as serving applies it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -16,12 +17,15 @@ from pathlib import Path
 
 import torch
 
-from engine import loader
-from engine.model import CogVideoXTransformer, ModelConfig
+from cogrt.engine import loader
+from cogrt.engine.attention import set_attention
+from cogrt.engine.model import CogVideoXTransformer, ModelConfig
 
 from . import checkpoint as ckpt
 from .lora import ATTENTION, add_lora, base_state_dict, save_lora
 from .objective import Batch, LatentScale, model_inputs, v_loss
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -125,6 +129,7 @@ def train(tc: TrainConfig, transformer: CogVideoXTransformer | None = None) -> d
     else:
         base_dtype = torch.bfloat16 if tc.method == "lora" and dev.type == "cuda" else torch.float32
         model = loader.load_transformer(root / "transformer", dev, base_dtype)
+    set_attention(model, "sdpa")  # PyTorch's SDPA, cuDNN first on the GPU
     cfg = model.cfg
     if cfg.is_i2v != bool(summary.get("is_i2v", False)):
         raise ValueError(f"{data} was precomputed for a {'I2V' if summary.get('is_i2v') else 'T2V'} model, "
@@ -165,7 +170,7 @@ def train(tc: TrainConfig, transformer: CogVideoXTransformer | None = None) -> d
         found = ckpt.latest(out)
         if found is not None:
             state = ckpt.load(found, model, opt, sched_lr, sampler, gen, tc.method, rank)
-            print(f"[rank {rank}] resumed from {found} at step {state.step}", flush=True)
+            log.info("[rank %d] resumed from %s at step %d", rank, found, state.step)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2, default=str))
@@ -180,7 +185,7 @@ def train(tc: TrainConfig, transformer: CogVideoXTransformer | None = None) -> d
     t_start = time.perf_counter()
     while state.step < tc.steps:
         if tc.time_limit and time.perf_counter() - t_start > tc.time_limit:
-            print(f"time limit reached after {state.step} steps", flush=True)
+            log.info("time limit reached after %d steps", state.step)
             if tc.checkpoint_every and state.step % tc.checkpoint_every:  # so that a rerun resumes from here
                 ckpt.save(out, state, model, opt, sched_lr, sampler, gen, tc.method, rank, tc.keep_checkpoints)
             break
@@ -214,7 +219,7 @@ def train(tc: TrainConfig, transformer: CogVideoXTransformer | None = None) -> d
             history.append(dict(step=state.step, loss=mean_loss, s_per_step=dt, peak_gib=mem, reserved_gib=reserved,
                                 grad_norm=float(gnorm) if gnorm is not None else None))
             if rank == 0:
-                print(f"step {state.step:6d}  loss {mean_loss:.4f}  {dt:.3f} s/step  peak {mem:.1f} GiB", flush=True)
+                log.info("step %6d  loss %.4f  %.3f s/step  peak %.1f GiB", state.step, mean_loss, dt, mem)
             losses, t_last = [], time.perf_counter()
         if tc.checkpoint_every and (state.step % tc.checkpoint_every == 0 or state.step == tc.steps):
             ckpt.save(out, state, model, opt, sched_lr, sampler, gen, tc.method, rank, tc.keep_checkpoints)
@@ -243,6 +248,8 @@ def _optimizer(tc: TrainConfig, params, dev):
     if tc.optimizer == "adamw8bit":
         if dev.type != "cuda":
             raise ValueError("adamw8bit (torchao) needs a CUDA GPU; use --optimizer adamw on the CPU")
+        from cogrt.engine.quant import import_torchao
+        import_torchao()
         from torchao.optim import AdamW8bit
         return AdamW8bit(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     raise ValueError(f"unknown optimizer {tc.optimizer!r}; use adamw or adamw8bit")
@@ -282,7 +289,7 @@ def export(tc: TrainConfig, model, out: Path, rank: int) -> Path | None:
 def validation_pipeline(model, root: Path, dev):
     """The engine pipeline over a view of the model's base weights. The view shares their storage and the
     optimizer updates them in place, so one pipeline serves every validation of the run."""
-    from engine.pipeline import load_pipeline
+    from cogrt.engine.pipeline import load_pipeline
     dtype = next(p for n, p in model.named_parameters() if ".lora_" not in n).dtype
     view = loader.build_transformer(model.cfg, base_state_dict(model), None)
     return load_pipeline(root, device=dev, dtype=dtype, transformer=view, compile=False)  # a few calls: compiling costs more
@@ -290,7 +297,7 @@ def validation_pipeline(model, root: Path, dev):
 
 def validate(tc: TrainConfig, model, pipe, folder: Path) -> list[Path]:
     """Videos from the engine pipeline, with the LoRA fused per request exactly as serving does."""
-    from engine.video import write_mp4
+    from cogrt.engine.video import write_mp4
     loras = ()
     if tc.method == "lora":
         loras = ((str(save_lora(folder / "lora.safetensors", model)), 1.0),)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.loader import engine_name, qkv_rows
-from engine.lora import save_lora_file
+from cogrt.engine.loader import engine_name, qkv_rows
+from cogrt.engine.lora import save_lora_file
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 _SUFFIX = {"to_q": "attn1.to_q", "to_k": "attn1.to_k", "to_v": "attn1.to_v", "to_out.0": "attn1.to_out.0",

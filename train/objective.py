@@ -44,8 +44,8 @@ def model_inputs(batch: Batch, cfg, scale: LatentScale, gen, image_dropout: floa
         keep = (torch.rand(z.shape[0], generator=gen, device=z.device) >= image_dropout).to(z.dtype)
         z = z * keep[:, None, None, None, None]  # 5% of samples learn to go without the image
         image = torch.cat([z, z.new_zeros(z.shape[0], x0.shape[1] - 1, *z.shape[2:])], dim=1)
-    if cfg.patch_size_t and x0.shape[1] % cfg.patch_size_t:
-        pad = cfg.patch_size_t - x0.shape[1] % cfg.patch_size_t
+    pad = cfg.latent_padding(x0.shape[1])
+    if pad:
         x0 = torch.cat([x0[:, :1].expand(-1, pad, -1, -1, -1), x0], dim=1)  # repeat the first frame in front
         if image is not None:
             image = torch.cat([image[:, :1].expand(-1, pad, -1, -1, -1), image], dim=1)

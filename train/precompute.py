@@ -1,6 +1,6 @@
 """Cache VAE latent moments and T5 embeddings once, so that training never runs the VAE or T5.
 
-    python -m train.precompute --data DIR_OR_FILE --model MODEL_DIR --out OUT --buckets 49x480x720
+    python -m cogrt.train.precompute --data DIR_OR_FILE --model MODEL_DIR --out OUT --buckets 49x480x720
 
 Layout of OUT (the trainer reads exactly this, through `LatentDataset`):
 
@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
-from engine.video import atomic_write
+from cogrt.engine.video import atomic_write
 
 from .data import BadVideo, Bucket, DataError, Record, decode_image, decode_video, parse_buckets, pick_bucket, \
     probe_video, read_manifest
@@ -118,7 +118,7 @@ def precompute(manifest: str | os.PathLike | list[Record], model_dir: str | os.P
     nothing raises PrecomputeError. dtype defaults to the pipeline's (bf16 on CUDA, fp32 on the CPU), and
     the tensors are stored in it. i2v (store noisy first-frame moments) defaults to the model's kind.
     """
-    from engine.pipeline import load_pipeline
+    from cogrt.engine.pipeline import load_pipeline
     records = manifest if isinstance(manifest, list) else read_manifest(manifest)
     if not records:
         raise DataError("empty dataset: no records")
@@ -211,7 +211,7 @@ class LatentDataset(Dataset):
         self.root = Path(root)
         self._cache: dict | None = {} if cache else None  # keep samples in memory after the first read
         if not (self.root / "index.jsonl").is_file():
-            raise DataError(f"{self.root} has no index.jsonl: run `python -m train.precompute` first")
+            raise DataError(f"{self.root} has no index.jsonl: run `python -m cogrt.train.precompute` first")
         lines = (self.root / "index.jsonl").read_text(encoding="utf-8").splitlines()
         self.entries = [json.loads(line) for line in lines if line.strip()]
         if not self.entries:
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
     p.add_argument("--caption-column", default=None)
     p.add_argument("--video-column", default=None)
     a = p.parse_args(argv)
-    from engine.loader import CheckpointError
+    from cogrt.engine.loader import CheckpointError
     try:
         records = read_manifest(a.data, a.caption_column, a.video_column)
         summary = precompute(records, a.model, a.out, a.buckets, device=a.device,

@@ -1,6 +1,6 @@
 """A synthetic world of captioned videos: one coloured shape moving in a straight line over a dark background.
 
-It is the training data of the bundled tiny model, and its ground truth is what `bench.adherence` scores
+It is the training data of the bundled tiny model, and its ground truth is what `train.adherence` scores
 generated videos against. Everything is deterministic given a seed. The vocabulary is small on purpose,
 so that a tiny model can learn it and a simple detector can check it:
 
@@ -12,7 +12,7 @@ so that a tiny model can learn it and a simple detector can check it:
 reserved for evaluation ("heldout") and never occur in "train", so adherence is measured on prompts the
 model has not seen, though it has seen every word.
 
-    python -m train.synthetic OUT --n 2000 --split train --frames 49 --height 128 --width 128
+    python -m cogrt.train.synthetic OUT --n 2000 --split train --frames 49 --height 128 --width 128
 """
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def write_dataset(out_dir: str | os.PathLike, n: int, seed: int, frames: int = 4
                   width: int = 128, split: str = "train", fps: int = 8) -> Path:
     """The diffusers training-example layout: videos/NNNNNN.mp4, prompts.txt and videos.txt (one line per
     video, same order), plus metadata.jsonl with each video's scene, the ground truth for evaluation."""
-    from engine.video import write_mp4
+    from cogrt.engine.video import write_mp4
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     prompts, paths, meta = [], [], []

@@ -7,10 +7,10 @@ synthetic world (train.synthetic):
   2. a small T5 encoder, randomly initialised and frozen, with the ByT5 tokenizer (bytes: no vocab file);
   3. `transformer`: a 5B-style transformer (3D RoPE) trained from scratch with `train.loop` on latents
      precomputed by `train.precompute` from mp4s written by `train.synthetic`;
-  4. `eval`: prompt adherence (bench.adherence) on held-out prompts, and VAE reconstruction PSNR.
+  4. `eval`: prompt adherence (train.adherence) on held-out prompts, and VAE reconstruction PSNR.
 Each stage reads and writes a work folder, so stages can run in separate processes (or GPU leases).
 
-    python -m train.tiny vae --work W           # then: transformer, eval, package
+    python -m cogrt.train.tiny vae --work W           # then: transformer, eval, package
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.model import PRESETS
-from engine.random_model import write_random_checkpoint
+from cogrt.engine.model import PRESETS
+from cogrt.engine.random_model import write_random_checkpoint
 
 CONFIG = PRESETS["cogrt-tiny"]
 VAE_CHANNELS = (32, 32, 64, 64)
@@ -39,7 +39,7 @@ def _device() -> torch.device:
 
 
 def _clips(n: int, seed: int, frames: int, size: int, split: str) -> np.ndarray:
-    from train.synthetic import render, sample_scenes
+    from cogrt.train.synthetic import render, sample_scenes
     return np.stack([render(s, frames, size, size) for s in sample_scenes(n, seed, split)])  # (n, F, H, W, 3)
 
 
@@ -133,7 +133,7 @@ def stage_vae(work: Path, steps: int, batch: int, lr: float, kl: float, seconds:
 
 
 def _write_shard(args):
-    from train.synthetic import write_dataset
+    from cogrt.train.synthetic import write_dataset
     out, n, seed, split = args
     return write_dataset(out, n, seed, FRAMES, SIZE, SIZE, split)
 
@@ -160,7 +160,7 @@ def stage_transformer(work: Path, n_videos: int, steps: int, batch: int, lr: flo
     resumed exactly from the latest). `base`: a whole trained model folder (e.g. the bundled one) to
     continue from, VAE and T5 included. `seconds` bounds the whole stage.
     """
-    from train.loop import TrainConfig, train
+    from cogrt.train.loop import TrainConfig, train
     t_stage = time.time()
     model = _model_from(work, base)
     if vae is not None and not (model / "model_index.json").is_file():
@@ -196,8 +196,8 @@ def _model_from(work: Path, base: Path | None) -> Path:
 
 def _latents(work: Path, n_videos: int, split: str, workers: int, limit: int | None = None) -> Path:
     """The split's synthetic mp4s (written if missing), precomputed with work/model into work/latents_<split>."""
-    from train.data import Record
-    from train.precompute import precompute
+    from cogrt.train.data import Record
+    from cogrt.train.precompute import precompute
     records = []
     for shard in sorted(stage_data(work, n_videos, split).glob("shard*")):
         caps = (shard / "prompts.txt").read_text().splitlines()
@@ -212,7 +212,7 @@ def stage_lora(work: Path, n_videos: int, steps: int, batch: int, lr: float, ran
                seconds: float | None = None, workers: int = 8, base: Path | None = None) -> dict:
     """The demo LoRA: teach the trained model the held-out concepts (purple, star) from the "concept" split.
     Writes work/demo_lora.safetensors; the base model in work/model (copied from `base` if missing) is not changed."""
-    from train.loop import TrainConfig, train
+    from cogrt.train.loop import TrainConfig, train
     t_stage = time.time()
     model = _model_from(work, base)
     latents = _latents(work, n_videos, "concept", workers)
@@ -231,9 +231,9 @@ def stage_lora(work: Path, n_videos: int, steps: int, batch: int, lr: float, ran
 def stage_eval(model: Path, n: int = 50, steps: int = 30, guidance: float = 6.0, split: str = "heldout",
                lora: str | None = None, out: Path | None = None) -> dict:
     """Prompt adherence on n prompts of `split` (held out of training), one seed each."""
-    from bench.adherence import score
-    from engine.pipeline import load_pipeline
-    from train.synthetic import caption, sample_scenes
+    from cogrt.train.adherence import score
+    from cogrt.engine.pipeline import load_pipeline
+    from cogrt.train.synthetic import caption, sample_scenes
     pipe = load_pipeline(model, device=_device(), dtype=torch.float32)
     pairs, t0 = [], time.time()
     for i, sc in enumerate(sample_scenes(n, 7, split)):
@@ -241,7 +241,7 @@ def stage_eval(model: Path, n: int = 50, steps: int = 30, guidance: float = 6.0,
                             guidance_scale=guidance, seed=i, loras=[(lora, 1.0)] if lora else ())
         pairs.append((sc, res.frames))
         if out is not None and i < 4:
-            from engine.video import write_mp4
+            from cogrt.engine.video import write_mp4
             write_mp4(res.frames, out / f"sample_{split}_{i}.mp4", res.fps)
     result = score(pairs)
     result.update(seconds_per_video=(time.time() - t0) / n, steps=steps, guidance=guidance, split=split)

@@ -15,7 +15,7 @@ model generates:
    the mass sits vertically, how wide the top and bottom rows are), nearest to those of the ideal shapes
    drawn at the same size in pixels and cut the same way.
 
-    python -m bench.adherence DATA_DIR [--degrade]
+    python -m cogrt.train.adherence DATA_DIR [--degrade]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from train.synthetic import COLORS, DIRECTIONS, SHAPES, shape_mask
+from .synthetic import COLORS, DIRECTIONS, SHAPES, shape_mask
 
 PALETTE = np.array(list(COLORS.values()), np.float32)  # (K, 3)
 PALETTE.flags.writeable = False
@@ -268,8 +268,8 @@ def degrade(frames: np.ndarray, seed: int = 0, noise: float = 15.0, jitter: floa
 
 
 def main(argv=None):
-    from engine.video import read_mp4
-    from train.synthetic import read_metadata
+    from cogrt.engine.video import read_mp4
+    from .synthetic import read_metadata
     p = argparse.ArgumentParser(description="Prompt adherence (colour, shape, direction) of a dataset dir "
                                             "with metadata.jsonl, e.g. one written by train.synthetic.")
     p.add_argument("data_dir")

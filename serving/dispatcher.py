@@ -1,0 +1,152 @@
+"""The dispatcher deployment (one replica): moves jobs from the store to the generator replicas, and keeps the store
+honest. Jobs wait in the store, not in Ray's queues: the dispatcher sends a job only when a generator replica is
+free, so a replica that appears (the autoscaler's, or a replacement) takes work at once, and a backlog never sits
+in a replica that might die.
+
+Each pass of its loop:
+- claims as many queued jobs as there are free replicas, preferring, for a while (`lora_bypass_s`), one whose LoRA
+  set a free replica has fused, and sends each with that set as its multiplexed id, so that Serve routes it there;
+- puts back in the queue a job whose replica died (the call failed) or whose lease ran out (nobody reports on it),
+  until its attempts are spent, then fails it with the reason;
+- fails jobs past their deadline, removes the files of deleted and expired jobs, and sets the gauges.
+The ingress kicks it after every new job, so an idle replica starts a job moments after its 202.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray import serve
+
+from . import metrics
+from .config import ServeConfig
+from .generator import NO_LORA
+from .storage import Storage
+from .store import JobStore
+
+log = logging.getLogger(__name__)
+TICK_S = 0.5  # the loop's pace without kicks
+HOUSEKEEPING_S = 1.0
+GENERATOR = "Generator"
+
+
+class Dispatcher:
+    def __init__(self, args: dict, generator):
+        self.cfg = ServeConfig.from_args(args)
+        self.store, self.storage = JobStore(self.cfg.db), Storage(self.cfg.outputs)
+        self.gen = generator
+        self.inflight: dict[str, asyncio.Task] = {}
+        self.replica_sets: dict[str, str] = {}  # generator replica -> the LoRA set it last ran (has fused)
+        self.busy: dict[str, str] = {}  # job -> the replica running it, as far as the dispatcher knows
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._replicas = (0.0, 0)  # (when read, RUNNING generator replicas)
+        self._housekept = 0.0
+
+    # ------------------------------------------------------------------------------------------------
+    async def kick(self) -> None:
+        """A job was queued: look now."""
+        self._start()
+        self._wake.set()
+
+    async def status(self) -> dict:
+        self._start()
+        counts = await asyncio.to_thread(self.store.counts)
+        return {"replicas": self._running_replicas(), "inflight": len(self.inflight), "jobs": counts,
+                "backlog": counts.get("queued", 0) + counts.get("in_progress", 0)}
+
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds: it also starts the loop in a fresh replica nobody has kicked yet."""
+        self._start()
+        if self._task.done() and self._task.exception() is not None:
+            raise RuntimeError(f"the dispatch loop died: {self._task.exception()!r}")
+
+    def _start(self) -> None:
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    # ------------------------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                if time.monotonic() - self._housekept >= HOUSEKEEPING_S:
+                    self._housekept = time.monotonic()
+                    await asyncio.to_thread(self._housekeeping)
+                await self._dispatch()
+            except Exception:  # a store hiccup must not end the loop: the next pass tries again
+                log.exception("dispatch pass failed")
+
+    async def _dispatch(self) -> None:
+        free = self._running_replicas() - len(self.inflight)
+        while free > 0:
+            idle = {key for r, key in self.replica_sets.items() if r not in self.busy.values()}
+            job = await asyncio.to_thread(self.store.claim, self.cfg.lease_s, idle, self.cfg.lora_bypass_s)
+            if job is None:
+                return
+            key = job["lora_key"] or NO_LORA
+            call = self.gen.options(multiplexed_model_id=key).run.remote(job["id"], job["attempt"])
+            self.inflight[job["id"]] = asyncio.get_running_loop().create_task(self._follow(job, key, call))
+            free -= 1
+
+    async def _follow(self, job: dict, key: str, call) -> None:
+        """Wait for a job's call; a call that fails means its replica failed: retry the job, or fail it."""
+        try:
+            out = await call
+            self.replica_sets[out["replica"]] = key
+        except Exception as e:
+            state = await asyncio.to_thread(self.store.retry_or_fail, job["id"], job["attempt"], "replica_failed",
+                                            f"the replica running the job stopped: {type(e).__name__}: "
+                                            f"{str(e).splitlines()[0][:300] if str(e) else ''}")
+            log.warning("job %s: replica call failed (%s); job now %s", job["id"], type(e).__name__, state)
+            if state == "queued":
+                metrics.get()["retries"].inc()
+            elif state == "failed":
+                metrics.get()["finished"].inc(tags={"state": "failed"})
+        finally:
+            self.inflight.pop(job["id"], None)
+            self.busy.pop(job["id"], None)
+            self._wake.set()
+
+    def _running_replicas(self) -> int:
+        """RUNNING generator replicas, from Serve's status (read at most once a second)."""
+        when, n = self._replicas
+        if time.monotonic() - when > 1.0:
+            try:
+                app = serve.get_replica_context().app_name
+                dep = serve.status().applications[app].deployments[GENERATOR]
+                n = dep.replica_states.get("RUNNING", 0)
+            except Exception:
+                log.exception("could not read the generator's replicas")
+            self._replicas = (time.monotonic(), n)
+        return n
+
+    # ------------------------------------------------------------------------------------------------
+    def _housekeeping(self) -> None:
+        now = time.time()
+        for job in self.store.expired_leases(now):
+            if job["id"] in self.inflight:
+                continue  # its call is still open: the call's own end decides
+            state = self.store.retry_or_fail(job["id"], job["attempt"], "replica_lost",
+                                             "no replica reported on the job within its lease")
+            log.warning("job %s: lease ran out; job now %s", job["id"], state)
+        for job in self.store.past_deadline(now):
+            self.store.fail_now(job["id"], "deadline_exceeded", "the job ran past its deadline")
+        for job in self.store.finished_deleted():
+            self.storage.remove(job["video"], job["thumbnail"], job["image"])
+            self.store.purge(job["id"])
+        for job in self.store.expired(now):
+            self.storage.remove(job["video"], job["thumbnail"], job["image"])
+            self.store.mark_files_removed(job["id"])
+        counts = self.store.counts()
+        m = metrics.get()
+        for state in ("queued", "in_progress", "completed", "failed"):
+            m["jobs"].set(counts.get(state, 0), tags={"state": state})
+        m["backlog"].set(counts.get("queued", 0) + counts.get("in_progress", 0))
+        self.busy = {job: replica for job, replica in self.store.running().items() if job in self.inflight}

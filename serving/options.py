@@ -1,0 +1,62 @@
+"""The deployments' Serve options, in one place: build_app applies them, and `cogrt serve --emit-config` writes them
+into the Serve config file (`serve deploy`), where they can be edited."""
+from __future__ import annotations
+
+from .config import ServeConfig
+
+APP = "cogrt"
+IMPORT_PATH = "cogrt.serving.app:build_app"
+POLICY = "cogrt.serving.autoscale:BacklogPolicy"
+
+
+def gpus(cfg: ServeConfig) -> float:
+    if cfg.gpus_per_replica is not None:
+        return cfg.gpus_per_replica
+    if cfg.device is not None:
+        return 0.0 if cfg.device == "cpu" else 1.0
+    import torch
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
+    generator = dict(
+        name="Generator",
+        max_ongoing_requests=1,  # one job at a time; the dispatcher sends one only to a free replica
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus(cfg)},
+        health_check_period_s=2.0,  # a dead replica is found, and replaced, within seconds
+        health_check_timeout_s=60.0,
+        graceful_shutdown_wait_loop_s=1.0,
+        graceful_shutdown_timeout_s=min(cfg.job_timeout_s, 3600.0),  # a downscaled replica finishes its job first
+    )
+    if cfg.autoscale:
+        lo, hi = cfg.autoscale
+        generator["autoscaling_config"] = dict(
+            min_replicas=lo, max_replicas=hi, initial_replicas=max(lo, 1),
+            target_ongoing_requests=1,  # minute-long jobs: one a replica
+            upscale_delay_s=cfg.upscale_delay_s, downscale_delay_s=cfg.downscale_delay_s,
+            downscale_to_zero_delay_s=cfg.downscale_delay_s, look_back_period_s=max(cfg.upscale_delay_s, 2.0),
+            policy={"policy_function": POLICY, "policy_kwargs": {"db": cfg.db, "jobs_per_replica": 1}})
+    else:
+        generator["num_replicas"] = cfg.replicas
+    small = {"num_cpus": 0.1}
+    return {
+        "Generator": generator,
+        "Dispatcher": dict(name="Dispatcher", num_replicas=1, max_ongoing_requests=10000, ray_actor_options=small,
+                           health_check_period_s=2.0),
+        "Ingress": dict(name="Ingress", num_replicas=1, max_ongoing_requests=10000, ray_actor_options=small),
+    }
+
+
+def serve_config(cfg: ServeConfig) -> dict:
+    """The Serve config file that runs this service (`serve deploy FILE`)."""
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "applications": [{
+            "name": APP,
+            "route_prefix": "/",
+            "import_path": IMPORT_PATH,
+            "args": cfg.to_args(),
+            "deployments": list(deployment_options(cfg).values()),
+        }],
+    }
