@@ -35,6 +35,7 @@ class VideoService:
             found = self.store.by_idempotency(owner, idempotency_key)
             if found is not None:
                 return video(found), False
+        kind = self._check_image(image) if image is not None else None
         params = resolve(self.card, form, self.loras.names(), image is not None, self.cfg.max_prompt_chars)
         if self.store.queued() >= self.cfg.max_queued_jobs:
             raise ApiError(503, "queue_full", f"the service has {self.cfg.max_queued_jobs} jobs waiting, its limit; "
@@ -43,7 +44,7 @@ class VideoService:
             raise ApiError(429, "too_many_jobs", f"this key has {self.cfg.max_jobs_per_key} jobs queued or running, "
                                                  f"its limit; wait for one to finish", None, {"Retry-After": "10"})
         job_id = new_id()
-        key = self._save_image(job_id, image) if image is not None else None
+        key = self.storage.put_bytes(image, f"inputs/{job_id}.{kind}") if image is not None else None
         now = time.time()
         lora_key = json.dumps([[x["name"], x["weight"]] for x in params["loras"]]) if params["loras"] else ""
         row, created = self.store.create(dict(
@@ -54,8 +55,8 @@ class VideoService:
             self.storage.remove(key)
         return video(row), created
 
-    def _save_image(self, job_id: str, data: bytes) -> str:
-        """Check an uploaded first frame by its content (not its name) and its size, then keep it."""
+    def _check_image(self, data: bytes) -> str:
+        """Check an uploaded first frame by its content (not its name) and its size. -> its file extension."""
         from PIL import Image
         if len(data) > self.cfg.max_image_bytes:
             raise ApiError(413, "image_too_large", f"input_reference is {len(data)} bytes; at most "
@@ -76,7 +77,7 @@ class VideoService:
         except Exception as e:
             raise ApiError(400, "invalid_image", f"input_reference is not an image this service reads (PNG, "
                                                  f"JPEG, WEBP): {type(e).__name__}", "input_reference") from e
-        return self.storage.put_bytes(data, f"inputs/{job_id}.{IMAGE_TYPES[kind]}")
+        return IMAGE_TYPES[kind]
 
     # ------------------------------------------------------------------------------------------------
     def retrieve(self, owner: str, job_id: str) -> Video:

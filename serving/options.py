@@ -2,6 +2,8 @@
 into the Serve config file (`serve deploy`), where they can be edited."""
 from __future__ import annotations
 
+import math
+
 from .config import ServeConfig
 
 APP = "cogrt"
@@ -19,10 +21,13 @@ def gpus(cfg: ServeConfig) -> float:
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
+    actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus(cfg)}
+    if not actor["num_gpus"]:  # on the CPU a replica's math uses the cores it reserved, not every core's
+        actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(max(1, math.ceil(cfg.cpus_per_replica)))}}
     generator = dict(
         name="Generator",
         max_ongoing_requests=1,  # one job at a time; the dispatcher sends one only to a free replica
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus(cfg)},
+        ray_actor_options=actor,
         health_check_period_s=2.0,  # a dead replica is found, and replaced, within seconds
         health_check_timeout_s=60.0,
         graceful_shutdown_wait_loop_s=1.0,
@@ -34,7 +39,8 @@ def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
             min_replicas=lo, max_replicas=hi, initial_replicas=max(lo, 1),
             target_ongoing_requests=1,  # minute-long jobs: one a replica
             upscale_delay_s=cfg.upscale_delay_s, downscale_delay_s=cfg.downscale_delay_s,
-            downscale_to_zero_delay_s=cfg.downscale_delay_s, look_back_period_s=max(cfg.upscale_delay_s, 2.0),
+            downscale_to_zero_delay_s=cfg.downscale_delay_s,
+            look_back_period_s=11.0,  # over Serve's metrics interval (10 s); the backlog policy reads the store
             policy={"policy_function": POLICY, "policy_kwargs": {"db": cfg.db, "jobs_per_replica": 1}})
     else:
         generator["num_replicas"] = cfg.replicas
