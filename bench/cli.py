@@ -5,7 +5,7 @@ import argparse
 
 BENCHES = {"modes": "modes", "coldstart": "coldstart", "lora-switch": "lora_switch", "quality": "quality",
            "fp8-ablation": "fp8_ablation", "kernels": "kernels", "step": "step", "read": "read", "decode": "decode",
-           "train-memory": "train_memory"}
+           "train-memory": "train_memory", "serve": "serve_load", "serve-overhead": "serve_overhead"}
 
 
 def add_commands(sub) -> None:

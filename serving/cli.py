@@ -104,7 +104,7 @@ def start(cfg, name: str = "cogrt", route_prefix: str = "/"):
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                  _node_ip_address="127.0.0.1", _system_config={"metrics_report_interval_ms": 1000})
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    log.info("serve config: %s", json.dumps(cfg.to_args()))
+    log.debug("serve config: %s", json.dumps(cfg.to_args()))
     return serve.run(build_app(cfg.to_args()), name=name, route_prefix=route_prefix)
 
 

@@ -95,11 +95,14 @@ class Generator:
 
     # ------------------------------------------------------------------------------------------------
     def run_job(self, job_id: str, attempt: int) -> dict:
+        """Run the job on the engine, then hand its outputs to a writer thread and return: the replica is free for
+        the next job while the mp4 is encoded, so the GPU does not wait for it. The job completes (and its lease
+        ends) once the writer has put the files in place."""
         job = self.store.get(job_id, deleted=True)  # one deleted since its dispatch is cancelled at its first step
         if job is None or job["status"] != "in_progress" or job["attempt"] != attempt:
             return {"job": job_id, "status": "lost", "replica": self.replica}
         lease = _Lease(self.store, job_id, attempt, self.cfg.lease_s, self.replica)
-        t0 = time.perf_counter()
+        started = time.time()
         try:
             with tempfile.TemporaryDirectory(prefix="cogrt-job-") as tmp:
                 params = json.loads(job["params"])
@@ -108,36 +111,50 @@ class Generator:
                 req = to_request(params, paths, image)
                 res = self.pipe.run(req, on_step=lambda stage, done, total: lease.step(
                     progress_of(stage, done, total), job["deadline_at"]))
-                t1 = time.perf_counter()
-                video, thumb = self._write(job_id, res.frames, res.fps)
         except BaseException as e:
-            lease.stop()
-            code, message = failure(e)
-            if code == "internal_error":
-                log.exception("job %s failed", job_id)
-            self.store.finish(job_id, attempt, status="failed", error_code=code, error_message=message)
-            metrics.get()["finished"].inc(tags={"state": "failed"})
+            self._fail(job_id, attempt, lease, e)
             if not isinstance(e, Exception):
                 raise
-            return {"job": job_id, "status": "failed", "code": code, "replica": self.replica}
+            return {"job": job_id, "status": "failed", "replica": self.replica}
+        gpu = (started, time.time())  # when the engine had the job: the GPU is idle between one's end and the next
+        threading.Thread(target=self._finish, args=(job, attempt, lease, res, gpu), daemon=True,
+                         name=f"write-{job_id}").start()
+        return {"job": job_id, "status": "writing", "replica": self.replica,
+                "lora_switched": res.timings.get("lora", 0) > 0}
+
+    def _fail(self, job_id: str, attempt: int, lease: "_Lease", e: BaseException) -> None:
+        lease.stop()
+        code, message = failure(e)
+        if code == "internal_error":
+            log.error("job %s failed", job_id, exc_info=e)
+        self.store.finish(job_id, attempt, status="failed", error_code=code, error_message=message)
+        metrics.get()["finished"].inc(tags={"state": "failed"})
+
+    def _finish(self, job: dict, attempt: int, lease: "_Lease", res, gpu: tuple[float, float]) -> None:
+        job_id = job["id"]
+        t1 = time.perf_counter()
+        try:
+            video, thumb = self._write(job_id, res.frames, res.fps)
+        except Exception as e:  # a full disk or an unreachable store: the job fails, the replica serves on
+            self._fail(job_id, attempt, lease, e)
+            return
         lease.stop()
         now = time.time()
         timings = dict(res.timings, write=time.perf_counter() - t1, queue_wait=(job["started_at"] or now)
-                       - job["created_at"], replica_total=time.perf_counter() - t0)
+                       - job["created_at"])
         steps = len(res.steps_computed) + len(res.steps_skipped)
         result = dict(timings=timings, seed=res.seed, mode=res.mode, replica=self.replica,
                       lora_switched=res.timings.get("lora", 0) > 0, steps_computed=len(res.steps_computed),
-                      fraction_computed=len(res.steps_computed) / max(steps, 1),
+                      fraction_computed=len(res.steps_computed) / max(steps, 1), engine_started_at=gpu[0],
+                      engine_ended_at=gpu[1],
                       peak_gpu_memory_gib=res.peak_memory_bytes / 2**30 if res.peak_memory_bytes else None)
         done = self.store.finish(job_id, attempt, status="completed", progress=100, video=video, thumbnail=thumb,
                                  completed_at=now, expires_at=now + self.cfg.retention_s, result=result,
                                  error_code=None, error_message=None)
         if not done:  # the job moved on without us (deleted, timed out, or given to another replica)
             self.storage.remove(video, thumb)
-            return {"job": job_id, "status": "lost", "replica": self.replica}
+            return
         self._observe(result, res.timings)
-        return {"job": job_id, "status": "completed", "replica": self.replica,
-                "lora_switched": result["lora_switched"]}
 
     def _write(self, job_id: str, frames, fps: int) -> tuple[str, str]:
         """The mp4 and a first-frame JPEG, each whole under its key."""

@@ -163,7 +163,8 @@ def video(job: dict) -> Video:
                      attempts=job["attempt"], replica=result.get("replica", job["replica"]),
                      lora_switched=result.get("lora_switched"), timings=result.get("timings", {}),
                      steps_computed=result.get("steps_computed"), fraction_computed=result.get("fraction_computed"),
-                     peak_gpu_memory_gib=result.get("peak_gpu_memory_gib"))
+                     peak_gpu_memory_gib=result.get("peak_gpu_memory_gib"),
+                     engine_started_at=result.get("engine_started_at"), engine_ended_at=result.get("engine_ended_at"))
     return Video(id=job["id"], model=job["model"], status=job["status"], progress=job["progress"],
                  created_at=int(job["created_at"]), completed_at=stamp(job["completed_at"]),
                  expires_at=stamp(job["expires_at"]), size=p["size"], seconds=p["seconds"], prompt=p["prompt"],

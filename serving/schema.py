@@ -111,6 +111,8 @@ class CogrtInfo(BaseModel):
     steps_computed: int | None = None
     fraction_computed: float | None = None
     peak_gpu_memory_gib: float | None = None
+    engine_started_at: float | None = None  # when the replica's engine took the job and let it go (epoch seconds)
+    engine_ended_at: float | None = None
 
 
 class Video(BaseModel):
