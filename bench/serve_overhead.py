@@ -43,7 +43,7 @@ def in_process(a, modes) -> dict:
             for i in range(a.repeats + 1):  # the first is a warm-up at this request's size
                 t = time.perf_counter()
                 res = pipe.generate(PROMPT, num_inference_steps=a.steps, seed=i, mode=mode, **request_size(a))
-                write_mp4(res.frames, Path(tmp) / "v.mp4", res.fps)
+                write_mp4(res.frames, Path(tmp) / "v.mp4", res.fps, a.video_preset)
                 times.append(time.perf_counter() - t)
             out[mode] = {"seconds": times[1:], "median_s": statistics.median(times[1:])}
             print(f"in process, {mode}: {[round(x, 3) for x in times[1:]]} s", flush=True)
@@ -60,7 +60,8 @@ def request_size(a) -> dict:
 def start_server(a, state: Path) -> tuple[subprocess.Popen, float]:
     env = dict(os.environ, COGRT_STATE=str(state))
     cmd = [sys.executable, "-m", "cogrt.engine.cli", "serve", "--model", a.model, "--mode", a.load_mode, "--port",
-           str(a.port), "--compile-cache", a.cache_dir, "--max-steps", "1000", "--max-queued-jobs", "1000"]
+           str(a.port), "--compile-cache", a.cache_dir, "--max-steps", "1000", "--max-queued-jobs", "1000",
+           "--video-preset", a.video_preset]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     import httpx
@@ -171,6 +172,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--port", type=int, default=8800)
+    ap.add_argument("--video-preset", default="veryfast", help="the mp4 writer's, in process and in the service")
     ap.add_argument("--cache-dir", default=None, help="the compile cache both share (default: a fresh one)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)

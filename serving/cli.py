@@ -39,6 +39,8 @@ def add_commands(sub) -> None:
     s.add_argument("--job-timeout", type=float, default=3600.0, help="seconds from a job's creation")
     s.add_argument("--retention", type=float, default=24 * 3600.0, help="seconds outputs are kept after completion")
     s.add_argument("--max-steps", type=int, default=200)
+    s.add_argument("--video-preset", default="veryfast", help="libx264 preset of the mp4s (the write is on every "
+                                                             "job's latency)")
     s.add_argument("--sizes", default=None, help="WxH,WxH,... the API accepts (default: from the model)")
     s.add_argument("--compile-cache", default=None)
     s.add_argument("--no-warm-up", dest="warm_up", action="store_false")
@@ -59,6 +61,7 @@ def config_from(a):
         cpus_per_replica=a.cpus_per_replica or (1.0 if gpu_host else 0.5), warm_up=a.warm_up,
         compile_cache=a.compile_cache, max_queued_jobs=a.max_queued_jobs, max_jobs_per_key=a.max_jobs_per_key,
         max_attempts=a.max_attempts, job_timeout_s=a.job_timeout, retention_s=a.retention, max_steps=a.max_steps,
+        video_preset=a.video_preset,
         sizes=a.sizes.split(",") if a.sizes else None,
         api_key_hashes=load_hashes(a.api_keys_file, env="") if a.api_keys_file else [])
     if cfg.gpus_per_replica is None:

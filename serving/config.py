@@ -46,6 +46,7 @@ class ServeConfig:
     job_timeout_s: float = 3600.0  # from its creation; past it the job stops at its next step and fails
     lease_s: float = 120.0  # a running job not heard of for this long is taken as lost
     retention_s: float = 24 * 3600.0  # outputs are deleted this long after completion (expires_at)
+    video_preset: str = "veryfast"  # libx264's preset for the mp4s: the write is on every job's latency
     lora_bypass_s: float = 30.0  # how long a queued job may be passed over for one whose LoRAs a free replica has
     # request limits
     max_body_bytes: int = 20 << 20

@@ -160,7 +160,7 @@ class Generator:
         """The mp4 and a first-frame JPEG, each whole under its key."""
         from PIL import Image
         scratch = self.storage.scratch()
-        tmp = write_mp4(frames, Path(scratch) / f"{job_id}.mp4", fps)
+        tmp = write_mp4(frames, Path(scratch) / f"{job_id}.mp4", fps, self.cfg.video_preset)
         video = self.storage.put_file(tmp, f"videos/{job_id}.mp4")
         buf = io.BytesIO()
         Image.fromarray(frames[0]).save(buf, format="JPEG", quality=90)
