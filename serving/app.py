@@ -63,6 +63,7 @@ class Ingress:
     def __init__(self, args: dict, dispatcher):
         self.cfg = ServeConfig.from_args(args)
         self.keys = Keys(sorted(set(self.cfg.api_key_hashes) | set(load_hashes())))
+        self.cfg.check_bind(self.keys.hashes)  # a config file deployed beyond loopback without keys fails here
         self.videos = VideoService(self.cfg, card_for(self.cfg), JobStore(self.cfg.db), Storage(self.cfg.outputs),
                                    LoraRegistry(self.cfg.loras))
         self.dispatcher = dispatcher

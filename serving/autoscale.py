@@ -14,14 +14,16 @@ import math
 class BacklogPolicy:
     """Made once in the controller with the policy's kwargs; called on every autoscaling tick."""
 
-    def __init__(self, db: str, jobs_per_replica: int = 1):
+    def __init__(self, db: str | None = None, jobs_per_replica: int = 1):
+        """`db`: the store's URL; None: the service's default ($COGRT_DB in the controller's environment)."""
         self.db, self.per = db, max(1, int(jobs_per_replica))
         self._store = None
 
     def __call__(self, ctx) -> tuple[int, dict]:
         if self._store is None:
+            from .config import ServeConfig
             from .store import JobStore
-            self._store = JobStore(self.db)
+            self._store = JobStore(ServeConfig(db=self.db, outputs="unused").db)
         try:
             backlog = self._store.backlog()
         except Exception as e:  # the store out of reach: keep what runs now

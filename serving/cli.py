@@ -74,12 +74,12 @@ def cmd_serve(a) -> int:
     cfg = config_from(a)
     if a.emit_config:
         import yaml
-        conf = serve_config(cfg)
-        conf["applications"][0]["args"]["api_key_hashes"] = []  # keys come from $COGRT_API_KEYS where it runs
+        conf = serve_config(cfg, db=a.db, outputs=a.outputs)
         Path(a.emit_config).write_text(yaml.safe_dump(conf, sort_keys=False))
         print(f"wrote {a.emit_config}: `serve deploy {a.emit_config}` runs it on a Ray cluster")
         return 0
-    cfg.check_bind()
+    from .auth import load_hashes
+    cfg.check_bind(cfg.api_key_hashes + load_hashes())
     start(cfg)
     url = f"http://{cfg.host}:{cfg.port}"
     key = "$COGRT_API_KEY" if (cfg.api_key_hashes or os.environ.get("COGRT_API_KEYS")) else "none"

@@ -10,6 +10,7 @@ from pathlib import Path
 from cogrt.engine.cli import BUNDLED_MODEL
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DB_ENV, OUTPUTS_ENV = "COGRT_DB", "COGRT_OUTPUTS"  # where a cluster's Secret and ConfigMap put them
 
 
 def state_dir() -> Path:
@@ -24,8 +25,8 @@ class ServeConfig:
     mode: str = "exact"  # the mode the generator loads (requests may ask for the modes that share its weights)
     device: str | None = None  # default: cuda where there is one
     loras: str | None = None  # registry: a directory or fsspec URL of NAME.safetensors / NAME/ files
-    db: str | None = None  # SQLAlchemy URL (default: SQLite in the state directory)
-    outputs: str | None = None  # a directory or fsspec URL (default: in the state directory)
+    db: str | None = None  # SQLAlchemy URL (default: $COGRT_DB, else SQLite in the state directory)
+    outputs: str | None = None  # a directory or fsspec URL (default: $COGRT_OUTPUTS, else in the state directory)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key_hashes: list[str] = field(default_factory=list)  # SHA-256 of each key (serving/auth.py)
@@ -64,8 +65,8 @@ class ServeConfig:
         if self.replicas < 1:
             raise ValueError(f"--replicas must be at least 1, got {self.replicas}")
         state = state_dir()
-        self.db = self.db or f"sqlite:///{state / 'jobs.db'}"
-        self.outputs = self.outputs or str(state / "outputs")
+        self.db = self.db or os.environ.get(DB_ENV) or f"sqlite:///{state / 'jobs.db'}"
+        self.outputs = self.outputs or os.environ.get(OUTPUTS_ENV) or str(state / "outputs")
         if self.db.startswith("sqlite:///"):
             Path(self.db.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
@@ -73,9 +74,11 @@ class ServeConfig:
     def name(self) -> str:
         return self.model_name or Path(self.model).name
 
-    def check_bind(self) -> None:
-        """Without keys the service listens on loopback only, unless --insecure-no-auth says otherwise."""
-        if not self.api_key_hashes and self.host not in LOOPBACK and not self.insecure_no_auth:
+    def check_bind(self, keys: list[str] | None = None) -> None:
+        """Without keys (`keys`: all the service has, its environment's too) the service listens on loopback only,
+        unless --insecure-no-auth says otherwise."""
+        keys = self.api_key_hashes if keys is None else keys
+        if not keys and self.host not in LOOPBACK and not self.insecure_no_auth:
             raise ValueError(f"refusing to listen on {self.host} without API keys: set COGRT_API_KEYS or "
                              f"--api-keys-file, or pass --insecure-no-auth")
 

@@ -44,25 +44,25 @@ def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
             policy={"policy_function": POLICY, "policy_kwargs": {"db": cfg.db, "jobs_per_replica": 1}})
     else:
         generator["num_replicas"] = cfg.replicas
-    small = {"num_cpus": 0.1}
     return {
         "Generator": generator,
-        "Dispatcher": dict(name="Dispatcher", num_replicas=1, max_ongoing_requests=10000, ray_actor_options=small,
-                           health_check_period_s=2.0),
-        "Ingress": dict(name="Ingress", num_replicas=1, max_ongoing_requests=10000, ray_actor_options=small),
+        "Dispatcher": dict(name="Dispatcher", num_replicas=1, max_ongoing_requests=10000,
+                           ray_actor_options={"num_cpus": 0.1}, health_check_period_s=2.0),
+        "Ingress": dict(name="Ingress", num_replicas=1, max_ongoing_requests=10000, ray_actor_options={"num_cpus": 0.1}),
     }
 
 
-def serve_config(cfg: ServeConfig) -> dict:
-    """The Serve config file that runs this service (`serve deploy FILE`)."""
+def serve_config(cfg: ServeConfig, db: str | None = None, outputs: str | None = None) -> dict:
+    """The Serve config file that runs this service (`serve deploy FILE`). Where it runs, the API keys come from
+    $COGRT_API_KEYS, and the store and outputs from `db` and `outputs` if given, else from $COGRT_DB and
+    $COGRT_OUTPUTS (a Secret and a ConfigMap on Kubernetes)."""
+    args = dict(cfg.to_args(), api_key_hashes=[], db=db, outputs=outputs)
+    deployments = deployment_options(cfg)
+    if "autoscaling_config" in deployments["Generator"]:
+        deployments["Generator"]["autoscaling_config"]["policy"]["policy_kwargs"]["db"] = db
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": cfg.host, "port": cfg.port},
-        "applications": [{
-            "name": APP,
-            "route_prefix": "/",
-            "import_path": IMPORT_PATH,
-            "args": cfg.to_args(),
-            "deployments": list(deployment_options(cfg).values()),
-        }],
+        "applications": [{"name": APP, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args,
+                          "deployments": list(deployments.values())}],
     }

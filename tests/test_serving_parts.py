@@ -205,3 +205,65 @@ def test_emit_config_is_the_app_build_app_makes(tmp_path):
     auto = names["Generator"]["autoscaling_config"]
     assert (auto["min_replicas"], auto["max_replicas"]) == (0, 3)
     assert auto["policy"]["policy_function"] == "cogrt.serving.autoscale:BacklogPolicy"
+
+
+def test_a_running_job_stops_at_its_deadline_or_when_cancelled(store):
+    from cogrt.serving.generator import Stop, _Lease, failure
+    store.create(job(0))
+    j = store.claim(30)
+    lease = _Lease(store, j["id"], j["attempt"], 30, "r1")
+    try:
+        lease.step(10, time.time() + 60)  # fine
+        with pytest.raises(Stop) as e:
+            lease.step(20, time.time() - 1)
+        assert failure(e.value) == ("deadline_exceeded", "the job ran past its deadline")
+        store.delete(j["id"], "a")
+        lease.last = 0  # the next step reports (and learns of the cancel) at once
+        with pytest.raises(Stop) as e:
+            lease.step(30, None)
+        assert e.value.code == "cancelled"
+    finally:
+        lease.stop()
+
+
+def test_engine_errors_become_job_errors():
+    from cogrt.engine import OutOfMemory
+    from cogrt.serving.generator import failure
+    assert failure(OutOfMemory("out of GPU memory generating 49x480x720: ..."))[0] == "out_of_memory"
+    assert failure(ValueError("num_frames must be 8N+1"))[0] == "invalid_request"
+    assert failure(RuntimeError("boom")) == ("internal_error", "RuntimeError: boom")
+
+
+def test_expired_outputs_are_found_once(store):
+    store.create(job(0))
+    j = store.claim(30)
+    store.finish(j["id"], 1, status="completed", expires_at=time.time() - 1, video="videos/x.mp4")
+    assert [r["id"] for r in store.expired()] == [j["id"]]
+    store.mark_files_removed(j["id"])
+    assert store.expired() == []
+
+
+def test_outputs_and_loras_on_an_fsspec_url(tmp_path):
+    """memory:// stands in for s3:// or gs://: files are put whole, read by range, fetched, removed."""
+    from cogrt.serving.loras import LoraRegistry
+    from cogrt.serving.storage import Storage
+    s = Storage("memory://cogrt-test/outputs")
+    assert not s.local
+    local = tmp_path / "v.mp4"
+    local.write_bytes(b"0123456789")
+    assert s.put_file(local, "videos/a.mp4") == "videos/a.mp4" and not local.exists()
+    assert s.size("videos/a.mp4") == 10 and s.read("videos/a.mp4", 2, 5) == b"234"
+    assert s.fetch("videos/a.mp4", tmp_path).read_bytes() == b"0123456789"
+    s.put_bytes(b"jpg", "videos/a.jpg")
+    s.remove("videos/a.mp4", "videos/a.jpg", None)
+    assert not s.exists("videos/a.mp4") and not s.exists("videos/a.jpg")
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/cogrt-test/loras/style.safetensors", b"weights")
+    fs.pipe_file("/cogrt-test/loras/concept/pytorch_lora_weights.safetensors", b"more")
+    reg = LoraRegistry("memory://cogrt-test/loras", cache_dir=tmp_path / "cache")
+    assert reg.names() == ["concept", "style"]
+    assert Path(reg.path("style")).read_bytes() == b"weights"
+    for bad in ("../loras/style", "/etc/passwd", "a/b", ".."):
+        with pytest.raises(KeyError):
+            reg.path(bad)

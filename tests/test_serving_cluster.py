@@ -1,0 +1,200 @@
+"""The service as a cluster runs it: replicas that follow the job store's backlog (up, down, and from zero), the
+deployment files against the code, and the playground page in a real browser (headless Chromium)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("ray")
+from serving_cases import KEY_A, generator_actors, ray_serve, replica_count, run_app  # noqa: E402,F401
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "serving" / "deploy"
+
+
+def test_replicas_follow_the_backlog_up_and_down(ray_serve, tmp_path):  # noqa: F811
+    """min 1, max 3: a backlog brings up two more generator replicas; once it drains they go back to one. Every
+    job completes. The replica count over time is plotted (autoscale.png in the test's folder)."""
+    from ray import serve
+    svc = run_app(ray_serve, tmp_path, "scaled", autoscale=(1, 3), upscale_delay_s=1.0, downscale_delay_s=4.0)
+    counts, stop = [], threading.Event()
+
+    def watch():
+        t0 = time.time()
+        while not stop.is_set():
+            counts.append((time.time() - t0, replica_count("scaled")))
+            time.sleep(0.5)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        ids = [svc.create(num_inference_steps=25, seed=i).json()["id"] for i in range(9)]
+        done = [svc.wait(i, timeout=400) for i in ids]
+        assert [d["status"] for d in done] == ["completed"] * 9
+        deadline = time.time() + 120
+        while replica_count("scaled") > 1 and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        watcher.join()
+        serve.delete("scaled")
+    peak = max(n for _, n in counts)
+    plot(counts, tmp_path / "autoscale.png")
+    print(f"replicas over time: {tmp_path / 'autoscale.png'}; peak {peak}")
+    assert peak == 3, counts
+    assert counts[-1][1] == 1, counts[-5:]
+    assert len({d["cogrt"]["replica"] for d in done}) >= 2
+
+
+def plot(counts: list[tuple[float, int]], path: Path) -> None:
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 2.8))
+    ax = fig.subplots()
+    ax.step([t for t, _ in counts], [n for _, n in counts], where="post")
+    ax.set(xlabel="seconds", ylabel="generator replicas", title="replicas following the backlog (min 1, max 3)",
+           ylim=(0, 3.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def test_scale_from_zero(ray_serve, tmp_path):  # noqa: F811
+    """min 0: with nothing to do the generator has no replica; the next job starts one, completes, and its wait
+    for the replica shows in its timings."""
+    from ray import serve
+    svc = run_app(ray_serve, tmp_path, "zero", autoscale=(0, 1), upscale_delay_s=0.5, downscale_delay_s=2.0)
+    try:
+        deadline = time.time() + 90
+        while replica_count("zero") > 0 and time.time() < deadline:
+            time.sleep(0.5)
+        assert replica_count("zero") == 0 and not generator_actors("zero")
+        with svc.client() as c:
+            assert c.get("/readyz").status_code == 503  # no replica warmed up
+        v = svc.wait(svc.create().json()["id"], timeout=240)
+        assert v["status"] == "completed"
+        wait = v["cogrt"]["timings"]["queue_wait"]
+        print(f"a job after idle waited {wait:.1f} s for its replica")
+        assert wait > 1.0  # it waited for a replica to start, and that wait is reported
+    finally:
+        serve.delete("zero")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_deployment_files_agree_with_the_code(tmp_path):
+    from cogrt.serving import auth, config
+    from cogrt.serving.app import app
+    from cogrt.serving.options import APP, IMPORT_PATH, POLICY
+
+    conf = yaml.safe_load((DEPLOY / "serve-config.yaml").read_text())
+    # the file is what `cogrt serve --emit-config` writes for the flags in its header
+    flags = [ln.strip("#\\ ").strip() for ln in (DEPLOY / "serve-config.yaml").read_text().splitlines()[1:4]]
+    cmd = " ".join(flags).split()
+    assert cmd[:3] == ["cogrt", "serve", "--emit-config"]
+    out = tmp_path / "again.yaml"
+    res = subprocess.run([sys.executable, "-m", "cogrt.engine.cli", "serve", "--emit-config", str(out), *cmd[4:]],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert yaml.safe_load(out.read_text()) == conf
+    app_conf = conf["applications"][0]
+    assert app_conf["name"] == APP and app_conf["import_path"] == IMPORT_PATH
+    deployments = {d["name"]: d for d in app_conf["deployments"]}
+    assert set(deployments) == {"Ingress", "Dispatcher", "Generator"}
+    assert deployments["Generator"]["autoscaling_config"]["policy"]["policy_function"] == POLICY
+    assert deployments["Generator"]["ray_actor_options"]["num_gpus"] == 1
+    port = conf["http_options"]["port"]
+
+    # KubeRay: the same applications, a CPU head, a GPU worker group the autoscaler sizes, the secrets' env names,
+    # the volumes for the model and the compile cache, and readiness through /readyz on the Serve port
+    svc = yaml.safe_load((DEPLOY / "rayservice.yaml").read_text())
+    assert svc["kind"] == "RayService" and svc["apiVersion"] == "ray.io/v1"
+    assert yaml.safe_load(svc["spec"]["serveConfigV2"]) == conf
+    cluster = svc["spec"]["rayClusterConfig"]
+    import ray
+    assert cluster["rayVersion"].split(".")[:2] == ray.__version__.split(".")[:2] and cluster["enableInTreeAutoscaling"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
+    assert {"containerPort": port, "name": "serve"} in head["ports"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    gpu = cluster["workerGroupSpecs"][0]
+    worker = gpu["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1" and gpu["maxReplicas"] >= gpu["minReplicas"]
+    env = {e["name"]: e for e in worker["env"]}
+    assert auth.ENV in env and config.DB_ENV in env and config.OUTPUTS_ENV in env and "COGRT_CACHE" in env
+    assert env[auth.ENV]["valueFrom"]["secretKeyRef"]["name"] == "cogrt-secrets"
+    assert app_conf["args"]["compile_cache"].startswith(env["COGRT_CACHE"]["value"])
+    mounts = {m["mountPath"] for m in worker["volumeMounts"]}
+    assert {"/models", "/cache"} <= mounts and app_conf["args"]["model"].startswith("/models")
+    routes = set(app.openapi()["paths"])
+    assert {"/readyz", "/healthz", "/v1/videos", "/v1/models"} <= routes, routes
+
+    # the container: cogrt with the serving extras on a CUDA PyTorch image, bytecode compiled at build time
+    docker = (DEPLOY / "Dockerfile").read_text()
+    assert "FROM ${BASE}" in docker and "pytorch/pytorch" in docker and "cuda" in docker
+    assert '".[serve,postgres]"' in docker and "compileall" in docker and f"EXPOSE {port}" in docker
+    copied = {ln.split()[1] for ln in docker.splitlines() if ln.startswith("COPY ")}
+    assert {"engine", "kernels", "serving", "train", "bench", "models", "pyproject.toml"} <= copied
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("Chromium is not installed here (Debian's chromium and chromium-driver); .ci/run installs them")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-quic", "--window-size=1280,1000"):
+        opts.add_argument(flag)
+    b = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
+    yield b
+    b.quit()
+
+
+def test_playground_in_a_real_browser(ray_serve, browser, tmp_path):  # noqa: F811
+    """The page at / against a live service on the tiny model: a prompt becomes a playing <video>, the job shows
+    in the list, and an invalid size shows its error by the size field. Screenshots in the test's folder."""
+    from ray import serve
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    svc = run_app(ray_serve, tmp_path, "play")
+    try:
+        b = browser
+        b.get(f"{svc.url}/")
+        b.find_element(By.ID, "key").send_keys(KEY_A)
+        b.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
+        wait = WebDriverWait(b, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+        assert b.find_element(By.ID, "model").get_attribute("value") == "cogrt-tiny"
+        assert b.find_elements(By.CSS_SELECTOR, "[data-lora='cogrt-tiny-concepts-lora']")  # the LoRA picker
+        def fill(field, value):  # as a person's typing ends: the value, then its input event
+            b.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+                             b.find_element(By.ID, field), value)
+        fill("size", "64x64")
+        fill("num_inference_steps", "3")
+        Select(b.find_element(By.ID, "seconds")).select_by_value("1")
+        b.find_element(By.ID, "generate").click()
+        WebDriverWait(b, 240).until(lambda d: d.execute_script(
+            "const v = document.getElementById('video'); return v.readyState >= 2 && v.duration > 0"))
+        duration = b.execute_script("return document.getElementById('video').duration")
+        assert 0.5 < duration < 2.0, duration  # 9 frames at 8 fps
+        wait.until(lambda d: "completed" in d.find_element(By.ID, "jobs").text)
+        b.save_screenshot(str(tmp_path / "playground-video.png"))
+
+        fill("size", "999x999")
+        b.find_element(By.ID, "generate").click()
+        err = b.find_element(By.CSS_SELECTOR, ".err[data-for='size']")
+        wait.until(lambda d: err.text)
+        assert "size must be one of" in err.text and "64x64" in err.text
+        b.save_screenshot(str(tmp_path / "playground-error.png"))
+        print(f"screenshots: {tmp_path}")
+    finally:
+        serve.delete("play")
