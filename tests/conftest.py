@@ -10,6 +10,7 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on th
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cogrt.engine.random_model import tiny_config, write_random_checkpoint
+from serving_cases import ray_serve  # noqa: F401,E402  (one local Ray for every serving test of the session)
 
 VARIANTS = ("2b", "5b", "5b-i2v", "1.5-5b", "1.5-5b-i2v")
 
