@@ -58,6 +58,12 @@ def add_commands(sub) -> None:
     g.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="PATH[:WEIGHT]",
                    help="a diffusers-format LoRA; repeat to stack. WEIGHT multiplies the file's alpha/r")
     g.add_argument("--device", default=None)
+    g.add_argument("--parallel", default=None, metavar="LAYOUT",
+                   help="spread the video over several GPUs (processes): cfg, ulysses=N, or cfg,ulysses=N; under "
+                        "torchrun, or with --gpus")
+    g.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="run on N GPUs (N processes on the CPU), as torchrun would; the layout defaults to cfg for "
+                        "2, cfg,ulysses=N/2 for an even N > 2, else ulysses=N")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     add_mode_args(g)
     g.add_argument("--offload", action="store_true", help="model CPU offload, for small GPUs")
@@ -139,7 +145,15 @@ def mode_kwargs(a) -> dict:
 
 
 def cmd_generate(a) -> int:
+    import os
+
     import torch
+
+    if a.gpus and "WORLD_SIZE" not in os.environ:
+        return _launch(a.gpus, a.argv, a.parallel)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    parallel = a.parallel or (default_layout(world) if world > 1 else None)
+    first = int(os.environ.get("RANK", 0)) == 0
 
     from .pipeline import load_pipeline
     from .request import GenerationRequest
@@ -153,8 +167,10 @@ def cmd_generate(a) -> int:
                             use_dynamic_cfg=a.dynamic_cfg, seed=a.seed, loras=tuple(a.lora), teacache=a.teacache,
                             teacache_coefficients=a.teacache_coefficients, teacache_fixed_steps=fixed)
     pipe = load_pipeline(_model(a), device=a.device, dtype=getattr(torch, DTYPES[a.dtype]) if a.dtype else None,
-                         offload=a.offload, vae_tiling=a.vae_tiling, **mode_kwargs(a))
-    res = pipe.run(req, progress=True)
+                         offload=a.offload, vae_tiling=a.vae_tiling, parallel=parallel, **mode_kwargs(a))
+    res = pipe.run(req, progress=first)
+    if not first:  # the other ranks write nothing
+        return 0
     out = write_mp4(res.frames, a.output, a.fps or res.fps)
     if a.frames_npy:
         write_npy(res.frames, a.frames_npy)
@@ -164,6 +180,33 @@ def cmd_generate(a) -> int:
           f"total {t['total']:.2f}s (mode {res.mode})")
     if a.teacache is not None or fixed:
         print(f"TeaCache: computed {len(res.steps_computed)} of {a.steps} steps: {res.steps_computed}")
+    return 0
+
+
+def default_layout(world: int) -> str:
+    if world == 2:
+        return "cfg"
+    return f"cfg,ulysses={world // 2}" if world % 2 == 0 else f"ulysses={world}"
+
+
+def _launch(n: int, argv: list[str], parallel: str | None) -> int:
+    """`cogrt generate --gpus N`: the same command in N processes, as torchrun would start them."""
+    from torch.distributed import run
+    rest, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--gpus":
+            skip = True
+        elif not x.startswith("--gpus="):
+            rest.append(x)
+    if parallel is None:
+        rest += ["--parallel", default_layout(n)]
+    try:
+        run.main(["--standalone", f"--nproc-per-node={n}", "-m", "cogrt.engine.cli", *rest])
+    except Exception as e:  # a rank failed: torchrun has printed its error
+        print(f"cogrt: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -244,6 +287,7 @@ def main(argv=None) -> int:
     from .pipeline import OutOfMemory
 
     a = _parser().parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     try:
         return a.func(a)

@@ -56,6 +56,7 @@ class Pipeline:
         self.video_processor = VideoProcessor(vae_scale_factor=8)
         self._lock = threading.Lock()  # one request at a time: LoRA switching edits the shared weights
         self.load_timings: dict[str, float] = {}  # load_pipeline's stages, in seconds
+        self.parallel = None  # engine.parallel.Parallel: this rank's place when each video spans several devices
 
     @property
     def cfg(self) -> ModelConfig:
@@ -73,6 +74,8 @@ class Pipeline:
         ("denoise", i, steps) after each step, ("decode", 0, 1) before the decode. What it raises stops the request
         there (a server cancels a job or enforces its deadline this way)."""
         mode = self.resolve(req)
+        if self.parallel is not None:  # every rank draws the same noise: rank 0's seed
+            req.seed = int(self.parallel.broadcast(torch.tensor([req.seed], device=self.device)).item())
         key = lora_key(req.loras)
         # read and checked before the lock is taken; a set that is fused already is not read again
         loras = [(read_lora(p), w) for p, w in req.loras] if key != self.runner.loras.key else None
@@ -109,6 +112,8 @@ class Pipeline:
     def _run(self, req, mode, loras, key, progress, cache, on_step) -> GenerationResult:
         times, t0 = {}, time.perf_counter()
         on_step = on_step or (lambda stage, done, total: None)
+        if self.parallel is not None:
+            on_step = self.parallel.agree(on_step)  # a stop that rank 0's callback raises stops every rank there
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if cache is None:  # a fresh step cache for each request (None when TeaCache is off)
@@ -116,8 +121,15 @@ class Pipeline:
         gen = torch.Generator("cpu").manual_seed(req.seed)
         cfg_on = req.guidance_scale > 1.0
 
-        with self._on_device(self.text_encoder, self.transforms.text_encoder == "offload"):
-            text = self.encode_text([req.negative_prompt, req.prompt] if cfg_on else [req.prompt])
+        prompts = [req.negative_prompt, req.prompt] if cfg_on else [req.prompt]
+        if self.parallel is None or self.parallel.first:
+            with self._on_device(self.text_encoder, self.transforms.text_encoder == "offload"):
+                text = self.encode_text(prompts)
+        if self.parallel is not None:  # encoded once, on rank 0
+            if not self.parallel.first:
+                text = torch.empty(len(prompts), self.cfg.max_text_seq_length, self.cfg.text_embed_dim,
+                                   device=self.device, dtype=self.dtype)
+            text = self.parallel.broadcast(text)
         times["text"] = self._lap(t0)
         on_step("text", 1, 1)
 
@@ -235,19 +247,26 @@ class Pipeline:
         old_x0 = None
         if image is not None and cfg_on:
             image = torch.cat([image, image])
+        # with the `cfg` layout each rank runs its half of the CFG batch: the unconditional (rank 0) or the
+        # conditional one; the halves are gathered before the combine
+        split = cfg_on and self.parallel is not None and self.parallel.layout.cfg == 2
+        half = slice(self.parallel.cfg_rank, self.parallel.cfg_rank + 1) if split else slice(None)
+        text = text[half]
         if cache is not None:  # the whole TeaCache schedule now, not a host sync in every step
-            teacache.precompute(self.transformer, cache, timesteps, 2 if cfg_on else 1, ofs, latents.dtype)
+            teacache.precompute(self.transformer, cache, timesteps, text.shape[0], ofs, latents.dtype)
         with torch.no_grad():
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", unit="step")):
                 x = torch.cat([latents, latents]) if cfg_on else latents
                 x = sched.scale_model_input(x, t)
                 if image is not None:
                     x = torch.cat([x, image], dim=2)
+                x = x[half]
                 self.runner.step_begin()
                 if cache is None:
                     v = self.transformer(x, text, t.expand(x.shape[0]), ofs=ofs, positions=positions)
                 else:
                     v = teacache.forward(self.transformer, cache, i, x, text, t.expand(x.shape[0]), ofs, positions)
+                v = self.parallel.cfg_gather(v) if split else v
                 v = v.float()
                 if cfg_on:
                     v_uncond, v_text = v.chunk(2)
@@ -268,7 +287,14 @@ class Pipeline:
         vae_dev = next(self.vae.parameters()).device
         z = latents.permute(0, 2, 1, 3, 4).to(vae_dev, self.vae.dtype) / self.vae.config.scaling_factor  # (1, C, F, h, w)
         with torch.no_grad():
-            video = self.vae.decode(z).sample
+            v = self.vae
+            if self.parallel is not None and v.use_tiling and (z.shape[-1] > v.tile_latent_min_width
+                                                                or z.shape[-2] > v.tile_latent_min_height):
+                # diffusers would tile this decode: the tiles dealt out to the ranks
+                from .parallel import tiled_decode
+                video = tiled_decode(self.vae, z, self.parallel)
+            else:
+                video = self.vae.decode(z).sample
         video = self.video_processor.postprocess_video(video=video, output_type="np")[0]  # (F, H, W, 3) in [0, 1]
         return (video * 255).round().astype(np.uint8)
 
@@ -320,7 +346,8 @@ def load_image(image):
 
 def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None, offload: bool = False,
                   mode: str = "exact", transformer: CogVideoXTransformer | None = None, warm_up: bool = False,
-                  cache_dir: str | Path | None = None, keep_originals: bool | str = True, **transforms) -> Pipeline:
+                  cache_dir: str | Path | None = None, keep_originals: bool | str = True, parallel: str | None = None,
+                  **transforms) -> Pipeline:
     """Load a diffusers-format CogVideoX directory (or hub id) into a ready pipeline.
 
     device defaults to CUDA where present, else CPU; dtype to bf16 on CUDA and fp32 on the CPU.
@@ -335,6 +362,12 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     pinned memory at load instead (seconds more at every start, and every switch fast); False refuses LoRAs.
     """
     root = loader.resolve(path_or_hub_id)
+    layout = None
+    if parallel:
+        from .parallel import Layout, init_from_env
+        layout = Layout.parse(parallel)  # a bad layout fails before anything loads
+        device = torch.device(device) if device is not None and torch.device(device).index is not None else \
+            init_from_env(device)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     chosen = modes.transforms_for(mode, device, **transforms)  # a bad mode fails before anything loads
@@ -387,7 +420,7 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     coefficients = root / "teacache_coefficients.json"
     pipe = assemble(transformer, vae, text_encoder, tokenizer, sched_cfg, device, dtype, mode, chosen,
                     offload=offload, cache_dir=cache_dir, keep_originals=keep_originals, originals_source=source,
-                    coefficients=coefficients if coefficients.is_file() else None)
+                    coefficients=coefficients if coefficients.is_file() else None, layout=layout)
     laps("transforms")
     if warm_up:
         pipe.warm_up()
@@ -435,7 +468,8 @@ def _import_in_background(torchao: bool, dynamo: bool) -> threading.Thread:
 
 def assemble(transformer, vae, text_encoder, tokenizer, scheduler_config: dict, device, dtype, mode: str = "exact",
              transforms: modes.Transforms | None = None, offload: bool = False, cache_dir=None,
-             keep_originals: bool = True, coefficients: Path | None = None, originals_source=None) -> Pipeline:
+             keep_originals: bool = True, coefficients: Path | None = None, originals_source=None,
+             layout=None) -> Pipeline:
     """A pipeline from components already in memory (benchmarks build random ones this way): the transforms
     of `mode` (or `transforms`) are applied here, in the runner's order."""
     device = torch.device(device)
@@ -445,6 +479,12 @@ def assemble(transformer, vae, text_encoder, tokenizer, scheduler_config: dict, 
         quantize_text_encoder(text_encoder)
     elif transforms.text_encoder == "offload":
         text_encoder.to("cpu")
+    par = None
+    if layout is not None and layout.world > 1:
+        from .parallel import Parallel
+        par = Parallel(layout, device)
     runner = Runner(transformer, transforms, cache_dir=cache_dir, keep_originals=keep_originals,
-                    originals_source=originals_source)
-    return Pipeline(runner, vae, text_encoder, tokenizer, scheduler_config, device, dtype, offload, mode, coefficients)
+                    originals_source=originals_source, parallel=par)
+    pipe = Pipeline(runner, vae, text_encoder, tokenizer, scheduler_config, device, dtype, offload, mode, coefficients)
+    pipe.parallel = par
+    return pipe

@@ -1,5 +1,5 @@
 """The runner: owns the loaded transformer and applies its transforms in one ordered place:
-LoRA fuse → quantize → attention backend (+ fused norm kernels) → compile.
+LoRA fuse → quantize → attention backend (+ fused norm kernels) → sequence split (several devices) → compile.
 
 - LoRAs are fused per request (`switch_loras`), after quantization in time but before it in effect: a
   switched layer is rebuilt from its high-precision original and quantized again.
@@ -76,11 +76,13 @@ def compile_options(t: Transforms) -> dict:
 
 class Runner:
     def __init__(self, model: torch.nn.Module, transforms: Transforms, cache_dir: str | Path | None = None,
-                 keep_originals: bool = True, originals_source=None):
+                 keep_originals: bool = True, originals_source=None, parallel=None):
         """`keep_originals`: with quantization, keep access to the high-precision weights of the quantized layers,
         which LoRA switching rebuilds from; without them, LoRAs are refused. They are read from
         `originals_source` (loader.CheckpointWeights: the checkpoint file, when a LoRA first touches a layer),
-        or, without one, copied to host memory before quantizing (9.5 GB for 5B, seconds at every start)."""
+        or, without one, copied to host memory before quantizing (9.5 GB for 5B, seconds at every start).
+        `parallel` (engine.parallel.Parallel): this rank's place in a multi-device layout; the sequence split goes
+        in after the attention backend and the fused norms, before compile."""
         self.model, self.transforms = model, transforms
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.compiled = False
@@ -117,6 +119,9 @@ class Runner:
             self.transforms = transforms = dataclasses.replace(transforms, attention="triton")
         set_attention(model, transforms.attention)
         fuse_norms(model, transforms.fused_norms)
+        if parallel is not None:
+            from .parallel import split_sequence
+            split_sequence(model, parallel)
         if transforms.compile:
             self.compile()
 

@@ -23,7 +23,11 @@ def add_commands(sub) -> None:
     s.add_argument("--device", default=None, help="default: cuda where there is one")
     s.add_argument("--replicas", type=int, default=1, help="generator replicas (a GPU each on a GPU host)")
     s.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="scale the generator on the backlog")
-    s.add_argument("--gpus-per-replica", type=float, default=None)
+    s.add_argument("--gpus-per-replica", type=int, default=None,
+                   help="GPUs a generator replica spans (one rank each; default 1 with a GPU); with more than one, the "
+                        "layout defaults as for `cogrt generate --gpus`")
+    s.add_argument("--parallel", default=None, metavar="LAYOUT",
+                   help="a replica's layout: cfg, ulysses=N, cfg,ulysses=N (on the CPU: that many processes)")
     s.add_argument("--cpus-per-replica", type=float, default=None, help="default: 1 with a GPU, else 0.5")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -54,8 +58,12 @@ def config_from(a):
     loras = a.loras
     if loras is None and Path(a.model).resolve() == BUNDLED_MODEL.resolve():
         loras = str(BUNDLED_MODEL.parent)  # the bundled concept LoRA sits beside the bundled model
+    parallel = a.parallel
+    if parallel is None and (a.gpus_per_replica or 0) > 1:
+        from cogrt.engine.cli import default_layout
+        parallel = default_layout(a.gpus_per_replica)
     cfg = ServeConfig(
-        model=a.model, model_name=a.model_name, mode=a.mode, device=a.device, loras=loras, db=a.db,
+        parallel=parallel, model=a.model, model_name=a.model_name, mode=a.mode, device=a.device, loras=loras, db=a.db,
         outputs=a.outputs, host=a.host, port=a.port, insecure_no_auth=a.insecure_no_auth, replicas=a.replicas,
         autoscale=tuple(a.autoscale.split(":")) if a.autoscale else None, gpus_per_replica=a.gpus_per_replica,
         cpus_per_replica=a.cpus_per_replica or (1.0 if gpu_host else 0.5), warm_up=a.warm_up,

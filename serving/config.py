@@ -35,6 +35,7 @@ class ServeConfig:
     replicas: int = 1
     autoscale: tuple[int, int] | None = None  # (min, max) replicas; min may be 0
     gpus_per_replica: float | None = None  # default: 1 where there is a GPU, else 0
+    parallel: str | None = None  # a replica's layout over several GPUs (engine/parallel.py): cfg, ulysses=N, ...
     cpus_per_replica: float = 1.0
     warm_up: bool = True
     compile_cache: str | None = None
@@ -62,6 +63,9 @@ class ServeConfig:
             lo, hi = self.autoscale = tuple(int(x) for x in self.autoscale)
             if not 0 <= lo <= hi or hi < 1:
                 raise ValueError(f"--autoscale MIN:MAX needs 0 <= MIN <= MAX and MAX >= 1, got {lo}:{hi}")
+        if self.gpus_per_replica and self.gpus_per_replica > 1 and self.ranks != self.gpus_per_replica:
+            raise ValueError(f"{self.gpus_per_replica:g} GPUs a replica need a parallel layout of as many ranks "
+                             f"(--parallel, e.g. cfg for 2); {self.parallel!r} has {self.ranks}")
         if self.replicas < 1:
             raise ValueError(f"--replicas must be at least 1, got {self.replicas}")
         state = state_dir()
@@ -69,6 +73,12 @@ class ServeConfig:
         self.outputs = self.outputs or os.environ.get(OUTPUTS_ENV) or str(state / "outputs")
         if self.db.startswith("sqlite:///"):
             Path(self.db.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def ranks(self) -> int:
+        """The processes (a GPU each, on a GPU host) a generator replica spans."""
+        from cogrt.engine.parallel import Layout
+        return Layout.parse(self.parallel).world
 
     @property
     def name(self) -> str:

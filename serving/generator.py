@@ -74,8 +74,16 @@ class Generator:
             self.replica = serve.get_replica_context().replica_tag
         except Exception:  # outside Serve (a test's process)
             self.replica = "local"
-        self.pipe = load_pipeline(self.cfg.model, device=self.cfg.device, mode=self.cfg.mode,
-                                  warm_up=self.cfg.warm_up, cache_dir=self.cfg.compile_cache)
+        load = lambda: load_pipeline(self.cfg.model, device=self.cfg.device, mode=self.cfg.mode,  # noqa: E731
+                                     warm_up=self.cfg.warm_up, cache_dir=self.cfg.compile_cache,
+                                     parallel=self.cfg.parallel)
+        self.ranks = None
+        if self.cfg.ranks > 1:  # this replica spans several GPUs: it is rank 0 of them (serving/ranks.py)
+            from .ranks import Ranks
+            self.ranks = Ranks(args, self.cfg.ranks, self.replica)
+            self.pipe = self.ranks.load(load)
+        else:
+            self.pipe = load()
         self.ready_s = time.perf_counter() - t0
         log.info("generator replica %s ready in %.1f s (load %s)", self.replica, self.ready_s,
                  {k: round(v, 2) for k, v in self.pipe.load_timings.items()})
@@ -89,6 +97,11 @@ class Generator:
     async def run(self, job_id: str, attempt: int) -> dict:
         await self.lora_set(serve.get_multiplexed_model_id() or NO_LORA)
         return await asyncio.to_thread(self.run_job, job_id, attempt)
+
+    async def check_health(self) -> None:
+        """Serve's health check: a replica whose other ranks are gone is rebuilt."""
+        if self.ranks is not None and not await asyncio.to_thread(self.ranks.healthy):
+            raise RuntimeError("a rank of this replica is gone")
 
     def info(self) -> dict:
         return {"replica": self.replica, "ready_s": self.ready_s, "load": self.pipe.load_timings}
@@ -109,8 +122,9 @@ class Generator:
                 image = str(self.storage.fetch(job["image"], tmp)) if job["image"] else None
                 paths = {x["name"]: self.loras.path(x["name"]) for x in params["loras"]}
                 req = to_request(params, paths, image)
-                res = self.pipe.run(req, on_step=lambda stage, done, total: lease.step(
+                run = lambda: self.pipe.run(req, on_step=lambda stage, done, total: lease.step(  # noqa: E731
                     progress_of(stage, done, total), job["deadline_at"]))
+                res = self.ranks.run(params, paths, image, run) if self.ranks else run()
         except BaseException as e:
             self._fail(job_id, attempt, lease, e)
             if not isinstance(e, Exception):

@@ -20,8 +20,15 @@ def gpus(cfg: ServeConfig) -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
+def rank_resources(cfg: ServeConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) of each rank of a replica: the replica's GPUs are one a rank, its CPUs shared out."""
+    n = cfg.ranks
+    return cfg.cpus_per_replica / n, (1.0 if gpus(cfg) else 0.0) if n > 1 else gpus(cfg)
+
+
 def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
-    actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus(cfg)}
+    cpus, gpus_each = rank_resources(cfg)
+    actor = {"num_cpus": cpus, "num_gpus": gpus_each}
     if not actor["num_gpus"]:  # on the CPU a replica's math uses the cores it reserved, not every core's
         actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(max(1, math.ceil(cfg.cpus_per_replica)))}}
     generator = dict(
@@ -33,6 +40,9 @@ def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
         graceful_shutdown_wait_loop_s=1.0,
         graceful_shutdown_timeout_s=min(cfg.job_timeout_s, 3600.0),  # a downscaled replica finishes its job first
     )
+    if cfg.ranks > 1:  # the replica (rank 0) and its other ranks (serving/ranks.py), packed on one node
+        bundle = {"CPU": cpus, **({"GPU": gpus_each} if gpus_each else {})}
+        generator.update(placement_group_bundles=[bundle] * cfg.ranks, placement_group_strategy="STRICT_PACK")
     if cfg.autoscale:
         lo, hi = cfg.autoscale
         generator["autoscaling_config"] = dict(
