@@ -28,7 +28,8 @@ def add_commands(sub) -> None:
                         "layout defaults as for `cogrt generate --gpus`")
     s.add_argument("--parallel", default=None, metavar="LAYOUT",
                    help="a replica's layout: cfg, ulysses=N, cfg,ulysses=N (on the CPU: that many processes)")
-    s.add_argument("--cpus-per-replica", type=float, default=None, help="default: 1 with a GPU, else 0.5")
+    s.add_argument("--cpus-per-replica", type=float, default=None,
+                   help="default: 4 with a GPU (its host-side work: decode post-processing, the mp4), else 0.5")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--db", default=None, help="SQLAlchemy URL of the job store (default: SQLite in $COGRT_STATE)")
@@ -66,7 +67,7 @@ def config_from(a):
         parallel=parallel, model=a.model, model_name=a.model_name, mode=a.mode, device=a.device, loras=loras, db=a.db,
         outputs=a.outputs, host=a.host, port=a.port, insecure_no_auth=a.insecure_no_auth, replicas=a.replicas,
         autoscale=tuple(a.autoscale.split(":")) if a.autoscale else None, gpus_per_replica=a.gpus_per_replica,
-        cpus_per_replica=a.cpus_per_replica or (1.0 if gpu_host else 0.5), warm_up=a.warm_up,
+        cpus_per_replica=a.cpus_per_replica or (4.0 if gpu_host else 0.5), warm_up=a.warm_up,
         compile_cache=a.compile_cache, max_queued_jobs=a.max_queued_jobs, max_jobs_per_key=a.max_jobs_per_key,
         max_attempts=a.max_attempts, job_timeout_s=a.job_timeout, retention_s=a.retention, max_steps=a.max_steps,
         video_preset=a.video_preset,
