@@ -23,11 +23,10 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-# lint-imports checks the layers (pyproject.toml's contracts) before the suite runs. Two pytest workers: the
-# serving tests (one local Ray, the `ray` group) mostly wait on their replicas while the other worker computes.
+# lint-imports checks the layers (pyproject.toml's contracts) before the suite runs
 test: install
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q --timeout=900 -n 2 --dist loadgroup
+	$(PY) -m pytest -q --timeout=900
 
 # The demo runs the bundled tiny model (models/cogrt-tiny); without it, a random-weight one from the presets.
 demo: install

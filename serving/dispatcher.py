@@ -39,6 +39,8 @@ class Dispatcher:
         self.inflight: dict[str, asyncio.Task] = {}
         self.replica_sets: dict[str, str] = {}  # generator replica -> the LoRA set it last ran (has fused)
         self.busy: dict[str, str] = {}  # job -> the replica running it, as far as the dispatcher knows
+        self.freed: set[str] = set()  # the LoRA sets of replicas that have just finished a job
+        self.inflight_sets: dict[str, str] = {}  # job -> its LoRA set, while it runs
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._replicas = (0.0, 0)  # (when read, RUNNING generator replicas)
@@ -86,12 +88,16 @@ class Dispatcher:
     async def _dispatch(self) -> None:
         free = self._running_replicas() - len(self.inflight)
         while free > 0:
-            idle = {key for r, key in self.replica_sets.items() if r not in self.busy.values()}
-            job = await asyncio.to_thread(self.store.claim, self.cfg.lease_s, idle, self.cfg.lora_bypass_s)
+            # a free replica's set first; else a set no other replica is running, so that each set stays on one
+            idle = {key for r, key in self.replica_sets.items() if r not in self.busy.values()} | self.freed
+            running = set(self.inflight_sets.values())
+            job = await asyncio.to_thread(self.store.claim, self.cfg.lease_s, idle, self.cfg.lora_bypass_s, running)
+            self.freed.clear()
             if job is None:
                 return
             key = job["lora_key"] or NO_LORA
             call = self.gen.options(multiplexed_model_id=key).run.remote(job["id"], job["attempt"])
+            self.inflight_sets[job["id"]] = job["lora_key"]
             self.inflight[job["id"]] = asyncio.get_running_loop().create_task(self._follow(job, key, call))
             free -= 1
 
@@ -100,6 +106,7 @@ class Dispatcher:
         try:
             out = await call
             self.replica_sets[out["replica"]] = key
+            self.freed.add(key)
         except Exception as e:
             state = await asyncio.to_thread(self.store.retry_or_fail, job["id"], job["attempt"], "replica_failed",
                                             f"the replica running the job stopped: {type(e).__name__}: "
@@ -111,6 +118,7 @@ class Dispatcher:
                 metrics.get()["finished"].inc(tags={"state": "failed"})
         finally:
             self.inflight.pop(job["id"], None)
+            self.inflight_sets.pop(job["id"], None)
             self.busy.pop(job["id"], None)
             self._wake.set()
 

@@ -155,10 +155,12 @@ class JobStore:
                                                              jobs.c.status.in_(ACTIVE)))).scalar_one()
 
     # ------------------------------------------------------------------------------------------------
-    def claim(self, lease_s: float, prefer: set[str] = frozenset(), bypass_s: float = 0.0) -> dict | None:
-        """Take the oldest queued job, or the oldest whose LoRA set is in `prefer` while the oldest of all has waited
-        less than `bypass_s`: in_progress, attempt + 1, leased for lease_s. Compare-and-set, so two dispatchers never
-        take the same job."""
+    def claim(self, lease_s: float, prefer: set[str] = frozenset(), bypass_s: float = 0.0,
+              avoid: set[str] = frozenset()) -> dict | None:
+        """Take the oldest queued job; while the oldest of all has waited less than `bypass_s`, rather the oldest
+        whose LoRA set is in `prefer` (a free replica has it fused), else the oldest whose set is not in `avoid`
+        (other replicas are running it). -> the job, now in_progress, attempt + 1, leased for lease_s.
+        Compare-and-set, so two dispatchers never take the same job."""
         now = time.time()
         for _ in range(8):
             with self.engine.begin() as c:
@@ -168,9 +170,13 @@ class JobStore:
                 if oldest is None:
                     return None
                 pick = oldest.id
-                if prefer and oldest.lora_key not in prefer and now - oldest.created_at < bypass_s:
-                    match = c.execute(waiting.where(jobs.c.lora_key.in_(prefer)).limit(1)).first()
-                    pick = match.id if match else pick
+                if now - oldest.created_at < bypass_s:
+                    for cond in ((jobs.c.lora_key.in_(prefer),) if prefer and oldest.lora_key not in prefer else ()) \
+                            + ((jobs.c.lora_key.notin_(avoid),) if avoid and oldest.lora_key in avoid else ()):
+                        match = c.execute(waiting.where(cond).limit(1)).first()
+                        if match:
+                            pick = match.id
+                            break
                 done = c.execute(update(jobs).where(and_(jobs.c.id == pick, jobs.c.status == "queued")).values(
                     status="in_progress", attempt=jobs.c.attempt + 1, lease_until=now + lease_s,
                     started_at=func.coalesce(jobs.c.started_at, now)))

@@ -30,7 +30,7 @@ def cases(lora: Path) -> dict:
 @pytest.mark.parametrize("procs,layout", [(2, "ulysses=2"), (4, "cfg,ulysses=2")])
 def test_layouts_match_one_process(checkpoint, pipeline, tmp_path, procs, layout):
     lora = make_lora(tmp_path / "l.safetensors", dim=32)
-    todo = cases(lora)
+    todo = cases(lora) if procs == 4 else {"plain": cases(lora)["plain"]}  # the four ranks run every case
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -46,7 +46,8 @@ def test_layouts_match_one_process(checkpoint, pipeline, tmp_path, procs, layout
         diff = np.abs(got.astype(int) - want.frames.astype(int)).max()
         assert got.shape == want.frames.shape and diff <= 1, (name, diff)
         assert json.loads((out / f"{name}.json").read_text())["computed"] == want.steps_computed, name
-    assert len(json.loads((out / "teacache.json").read_text())["computed"]) < 8  # some steps were skipped
+    if "teacache" in todo:
+        assert len(json.loads((out / "teacache.json").read_text())["computed"]) < 8  # some steps were skipped
 
     vae = one.vae
     tiling = (vae.use_tiling, vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_latent_min_height,

@@ -8,12 +8,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.xdist_group("ray")  # one local Ray instance serves both modules
 from serving_cases import KEY_A, generator_actors, replica_count, run_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,8 +142,8 @@ def test_deployment_files_agree_with_the_code(tmp_path):
 
 def test_a_replica_over_two_ranks(ray_serve, tmp_path):
     """A generator replica spanning two ranks (the `cfg` layout; gloo processes on the CPU, as two GPUs would run
-    it): jobs through the HTTP API give one process's frames. A rank killed mid-job takes its replica down: the
-    job is retried on the rebuilt replica and completes."""
+    it) serves jobs through the HTTP API. A rank killed mid-job takes its replica down: the job is retried on the
+    rebuilt replica and completes."""
     import ray
     from ray import serve
     svc = run_app(ray_serve, tmp_path, "ranks", parallel="cfg", cpus_per_replica=1.0)
@@ -153,22 +151,8 @@ def test_a_replica_over_two_ranks(ray_serve, tmp_path):
         ranks = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["name"].startswith("cogrt-rank-")]
         assert len(ranks) == 1, ranks  # rank 1; rank 0 is the replica itself
-        v = svc.wait(svc.create(seed=5).json()["id"])
-        assert v["status"] == "completed"
-        with svc.client() as c:
-            mp4 = c.get(f"/v1/videos/{v['id']}/content").content
-        from cogrt.engine import load_pipeline
-        from cogrt.engine.video import read_mp4
-        one = load_pipeline(svc.cfg.model, device="cpu").generate(
-            "a red circle moving right on a black background", num_frames=9, height=64, width=64,
-            num_inference_steps=3, guidance_scale=6.0, seed=5)
-        (tmp_path / "v.mp4").write_bytes(mp4)
-        from cogrt.engine.video import write_mp4
-        write_mp4(one.frames, tmp_path / "one.mp4", one.fps, svc.cfg.video_preset)
-        # the frames agree within 1/255 (tests/test_parallel.py); through H.264 a step of 1 can move a pixel by
-        # more, so the videos are held to their mean difference
-        diff = np.abs(read_mp4(tmp_path / "v.mp4").astype(float) - read_mp4(tmp_path / "one.mp4").astype(float))
-        assert diff.mean() < 0.5, (diff.mean(), diff.max())
+        v = svc.wait(svc.create(seed=5).json()["id"])  # (its frames are one process's: tests/test_parallel.py)
+        assert v["status"] == "completed" and v["cogrt"]["frames"] == 9
 
         vid = svc.create(num_inference_steps=40).json()["id"]
         with svc.client() as c:

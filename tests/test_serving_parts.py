@@ -87,8 +87,9 @@ def test_claims_never_overlap_and_prefer_a_fused_lora_set(store):
     assert first["lora_key"] == "A"
     second = store.claim(30, prefer={"A"}, bypass_s=0)  # no bypass: strictly the oldest
     assert second["id"] == "video_0000"
-    ids = {store.claim(30)["id"] for _ in range(2)}
-    assert len(ids | {first["id"], second["id"]}) == 4 and store.claim(30) is None
+    third = store.claim(30, bypass_s=60, avoid={"B"})  # the oldest left is B's; another replica runs B
+    assert third["lora_key"] == "A"
+    assert store.claim(30)["lora_key"] == "B" and store.claim(30) is None
 
 
 def test_retries_then_fails_and_fences_stale_writers(store):
