@@ -5,7 +5,8 @@ import argparse
 
 BENCHES = {"modes": "modes", "coldstart": "coldstart", "lora-switch": "lora_switch", "quality": "quality",
            "fp8-ablation": "fp8_ablation", "kernels": "kernels", "step": "step", "read": "read", "decode": "decode",
-           "train-memory": "train_memory", "serve": "serve_load", "serve-overhead": "serve_overhead"}
+           "train-memory": "train_memory", "serve": "serve_load", "serve-overhead": "serve_overhead",
+           "caches": "caches", "profile": "profile"}
 
 
 def add_commands(sub) -> None:

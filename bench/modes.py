@@ -153,7 +153,7 @@ def diffusers_row(row, c, a, dev, dtype):
 def ours_row(row, c, a, dev, dtype):
     from cogrt.bench.components import engine_transformer
     from cogrt.engine.pipeline import assemble
-    from cogrt.engine.teacache import fixed_schedule
+    from cogrt.engine.caches.teacache import fixed_schedule
     mode, settings = VARIANT_ROWS.get(row, (row, {}))
     ours = engine_transformer(c.transformer, c.cfg, dtype, copy=False)
     c.transformer = None  # our module holds the weights now

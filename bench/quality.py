@@ -26,21 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cogrt.engine.video import psnr  # noqa: F401 (bench.caches and the tests take it from here too)
+
 MODEL = Path(__file__).resolve().parent.parent / "models" / "cogrt-tiny"
 THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3)  # 28, 16, 12, 10, 7 of 50 steps with the tiny model's fit
 GPU_MODES = ("exact", "fp8", "fast", "int8-dynamic", "int8-weight-only")
 TARGET_DB = 30.0  # the issue's quality bar
-
-
-def psnr(ref: np.ndarray, x: np.ndarray) -> float:
-    """Mean over frames of the PSNR (dB) of uint8 videos (F, H, W, 3); inf only where the videos are identical."""
-    mse = ((ref.astype(np.float64) - x.astype(np.float64)) ** 2).reshape(len(ref), -1).mean(1)  # (F,)
-    if not mse.any():
-        return math.inf
-    # one equal frame among differing ones would make the mean inf: count it as the smallest error a uint8
-    # frame can show (one value off by one)
-    mse = np.maximum(mse, 1.0 / ref[0].size)
-    return float(np.mean(10 * np.log10(255.0**2 / mse)))
 
 
 def ssim(ref: np.ndarray, x: np.ndarray) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .request import GenerationRequest
-from .teacache import TeaCacheState
+from .caches.teacache import TeaCache
 
 DEFAULT_PROMPTS = (
     "a red fox running through fresh snow in a pine forest",
@@ -27,7 +27,7 @@ def calibrate(pipe, prompts=DEFAULT_PROMPTS, steps: int = 50, degree: int = 4, s
     points = []
     for k, prompt in enumerate(prompts):
         req = GenerationRequest(prompt=prompt, num_inference_steps=steps, seed=seed + k, **request_kw)
-        state = TeaCacheState(0.0, (), steps, fixed=frozenset(range(steps)), trace=[])
+        state = TeaCache(0.0, (), steps, fixed=frozenset(range(steps)), trace=[])
         pipe.run(req, cache=state)
         points += state.trace
     x, y = np.array(points).T  # (N,) each
@@ -39,3 +39,50 @@ def calibrate(pipe, prompts=DEFAULT_PROMPTS, steps: int = 50, degree: int = 4, s
             "prompts": len(prompts), "r2": r2, "mean_relative_residual": rel_residual,
             "points": [[float(a), float(b)] for a, b in zip(x, y)]}
 
+
+
+def calibrate_levels(pipe, prompts=DEFAULT_PROMPTS, steps: int = 50, targets: dict | None = None, order: int = 2,
+                     seed: int = 0, lo: float = 1e-3, hi: float = 2.0, iters: int = 10, log=None,
+                     **request_kw) -> dict:
+    """For each quality level (engine.caches.LEVELS: name -> mean PSNR target in dB), the largest probe-cache
+    threshold whose frames keep that mean PSNR against the uncached run on `prompts`, found by bisection in log
+    space over [lo, hi]. Every threshold is tried on all prompts; results are shared between the levels.
+    Returns the levels file's content (engine.caches.read_levels reads it back)."""
+    import math
+
+    from .caches import LEVELS
+    from .caches.probe import ProbeCache
+    from .video import psnr
+    targets = dict(targets or LEVELS)
+    if not prompts:
+        raise ValueError("calibration needs at least one prompt")
+    reqs = lambda: [GenerationRequest(prompt=p, num_inference_steps=steps, seed=seed + k, **request_kw)  # noqa: E731
+                    for k, p in enumerate(prompts)]
+    refs = [pipe.run(r).frames for r in reqs()]
+    tried: dict[float, tuple[float, float]] = {}
+
+    def at(th: float) -> tuple[float, float]:  # (mean PSNR, mean fraction of steps computed)
+        if th not in tried:
+            db, frac = [], []
+            for ref, req in zip(refs, reqs()):
+                res = pipe.run(req, cache=ProbeCache(th, steps, order=order))
+                db.append(min(psnr(ref, res.frames), 100.0))  # an identical video counts as 100 dB, not inf
+                frac.append(len(res.steps_computed) / steps)
+            tried[th] = (float(np.mean(db)), float(np.mean(frac)))
+            if log:
+                log(f"threshold {th:.4g}: {tried[th][0]:.2f} dB, {tried[th][1]:.0%} of steps computed")
+        return tried[th]
+
+    levels = {}
+    for name, target in sorted(targets.items(), key=lambda kv: -kv[1]):
+        a, b, good = math.log(lo), math.log(hi), lo
+        for _ in range(iters):
+            mid = math.exp((a + b) / 2)
+            if at(mid)[0] >= target:
+                a, good = math.log(mid), mid
+            else:
+                b = math.log(mid)
+        db, frac = at(good)
+        levels[name] = {"threshold": good, "target_db": target, "psnr_db": db, "steps_frac": frac}
+    return {"kind": "probe", "order": order, "steps": steps, "prompts": len(prompts), "seed": seed,
+            "levels": levels}

@@ -1,6 +1,6 @@
 """The `cogrt` command. Each layer adds its own subcommands through the `cogrt.commands` entry points
 (pyproject.toml), so that the engine never imports the layers above it: the engine's are generate,
-calibrate-cache, info, random-checkpoint and convert-lora; train/ adds precompute and train, bench/ adds bench,
+calibrate-cache, export, info, random-checkpoint and convert-lora; train/ adds precompute and train, bench/ adds bench,
 serving/ adds serve.
 
 A subcommand's function returns the exit code. What it prints is its result; progress and warnings go through
@@ -77,8 +77,14 @@ def add_commands(sub) -> None:
                    help="a `cogrt calibrate-cache` file; default: the published ones (released checkpoints only)")
     g.add_argument("--teacache-fixed-steps", type=int, default=None, metavar="N",
                    help="BENCHMARK ONLY: compute N evenly spread steps (first and last included), skip the rest")
+    g.add_argument("--cache", choices=("safe", "balanced", "fast"), default=None,
+                   help="step skipping at a quality level the model was calibrated for (`cogrt calibrate-cache "
+                        "--levels`): safe ~40 dB, balanced ~35 dB, fast ~32 dB against the uncached video")
+    g.add_argument("--cache-threshold", type=float, default=None, metavar="T",
+                   help="the probe cache at a raw threshold instead of a level")
 
-    k = sub.add_parser("calibrate-cache", help="fit TeaCache's coefficients on a model's own trajectories")
+    k = sub.add_parser("calibrate-cache", help="fit TeaCache's coefficients (and with --levels, the probe cache's "
+                                               "quality levels) on a model's own trajectories")
     k.set_defaults(func=cmd_calibrate_cache)
     k.add_argument("--model", default=None, help=f"diffusers-format directory (default: {BUNDLED_MODEL})")
     k.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="PATH[:WEIGHT]")
@@ -94,6 +100,27 @@ def add_commands(sub) -> None:
     k.add_argument("--device", default=None)
     k.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     k.add_argument("--out", default="teacache_coefficients.json")
+    k.add_argument("--levels", action="store_true",
+                   help="instead: find the probe cache's threshold for each quality level (safe, balanced, fast) and "
+                        "write them to --levels-out")
+    k.add_argument("--levels-out", default="step_cache.json",
+                   help="put it in the model's folder for `fast` and --cache to use it")
+    k.add_argument("--iters", type=int, default=10, help="bisection steps per level (--levels)")
+
+    x = sub.add_parser("export", help="export the transformer and the VAE decoder as ONNX graphs")
+    x.set_defaults(func=cmd_export)
+    x.add_argument("format", choices=["onnx"])
+    x.add_argument("--model", default=None, help=f"diffusers-format directory (default: {BUNDLED_MODEL})")
+    x.add_argument("--out", required=True, help="a directory: transformer.onnx, vae_decoder.onnx (+ .data)")
+    x.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="PATH[:WEIGHT]",
+                   help="fused before the export, as a served request fuses it")
+    x.add_argument("--component", choices=["transformer", "vae-decoder", "all"], default="all")
+    x.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    x.add_argument("--size", default=None, metavar="FxHxW",
+                   help="the traced size (default: the model's); the VAE decoder graph's only size")
+    x.add_argument("--mode", default="exact", help="only exact exports: the quantized modes and the Triton kernels "
+                                                    "have no ONNX form")
+    x.add_argument("--device", default="cpu", help="where to trace (cuda is faster at 5B)")
 
     i = sub.add_parser("info", help="describe a checkpoint without loading its weights")
     i.set_defaults(func=cmd_info)
@@ -159,13 +186,14 @@ def cmd_generate(a) -> int:
     from .request import GenerationRequest
     from .video import write_mp4, write_npy
 
-    from .teacache import fixed_schedule
+    from .caches.teacache import fixed_schedule
 
     fixed = fixed_schedule(a.steps, a.teacache_fixed_steps) if a.teacache_fixed_steps is not None else None
     req = GenerationRequest(prompt=a.prompt, negative_prompt=a.negative, image=a.image, num_frames=a.frames,
                             height=a.height, width=a.width, num_inference_steps=a.steps, guidance_scale=a.guidance,
                             use_dynamic_cfg=a.dynamic_cfg, seed=a.seed, loras=tuple(a.lora), teacache=a.teacache,
-                            teacache_coefficients=a.teacache_coefficients, teacache_fixed_steps=fixed)
+                            teacache_coefficients=a.teacache_coefficients, teacache_fixed_steps=fixed,
+                            cache=a.cache, cache_threshold=a.cache_threshold)
     pipe = load_pipeline(_model(a), device=a.device, dtype=getattr(torch, DTYPES[a.dtype]) if a.dtype else None,
                          offload=a.offload, vae_tiling=a.vae_tiling, parallel=parallel, **mode_kwargs(a))
     res = pipe.run(req, progress=first)
@@ -178,8 +206,8 @@ def cmd_generate(a) -> int:
     print(f"wrote {out} ({res.frames.shape[0]} frames, {res.frames.shape[2]}x{res.frames.shape[1]}, "
           f"seed {res.seed}) text {t['text']:.2f}s denoise {t['denoise']:.2f}s decode {t['decode']:.2f}s "
           f"total {t['total']:.2f}s (mode {res.mode})")
-    if a.teacache is not None or fixed:
-        print(f"TeaCache: computed {len(res.steps_computed)} of {a.steps} steps: {res.steps_computed}")
+    if res.steps_skipped:
+        print(f"step cache: computed {len(res.steps_computed)} of {a.steps} steps: {res.steps_computed}")
     return 0
 
 
@@ -230,13 +258,45 @@ def cmd_calibrate_cache(a) -> int:
     if a.prompts:
         prompts = [line.strip() for line in Path(a.prompts).read_text().splitlines() if line.strip()]
     pipe = load_pipeline(_model(a), device=a.device, dtype=getattr(torch, DTYPES[a.dtype]) if a.dtype else None)
-    fit = calibrate(pipe, prompts, steps=a.steps, degree=a.degree, seed=a.seed, loras=tuple(a.lora), image=a.image,
-                    num_frames=a.frames, height=a.height, width=a.width, guidance_scale=a.guidance)
+    kw = dict(loras=tuple(a.lora), image=a.image, num_frames=a.frames, height=a.height, width=a.width,
+              guidance_scale=a.guidance)
+    if a.levels:
+        from .calibrate import calibrate_levels
+        out = calibrate_levels(pipe, prompts, steps=a.steps, seed=a.seed, iters=a.iters, log=print, **kw)
+        out = {"model": str(_model(a)), "loras": [list(x) for x in a.lora], **out}
+        path = atomic_write(a.levels_out, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
+        print(f"wrote {path}: " + ", ".join(f"{k} threshold {v['threshold']:.4g} ({v['psnr_db']:.1f} dB, "
+                                              f"{v['steps_frac']:.0%} of steps)" for k, v in out["levels"].items()))
+        return 0
+    fit = calibrate(pipe, prompts, steps=a.steps, degree=a.degree, seed=a.seed, **kw)
     fit = {"model": str(_model(a)), "loras": [list(x) for x in a.lora], **fit}
     out = atomic_write(a.out, lambda tmp: Path(tmp).write_text(json.dumps(fit, indent=1)))
     print(f"wrote {out}: coefficients {[f'{c:.6g}' for c in fit['coefficients']]}, fit over "
           f"{len(fit['points'])} step pairs: R^2 {fit['r2']:.3f}, mean relative residual "
           f"{fit['mean_relative_residual']:.3f}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    import json
+
+    import torch
+
+    from .export import ExportError, export_onnx
+    from .modes import check_mode
+    from .pipeline import load_pipeline
+    if check_mode(a.mode) != "exact":
+        raise ExportError(f"mode {a.mode!r} cannot be exported: fp8/int8 quantization and the Triton kernels have no "
+                          f"ONNX form. Export runs the native path (mode exact); quantize the graph with your "
+                          f"runtime's tools (TensorRT, ONNX Runtime) instead")
+    pipe = load_pipeline(_model(a), device=a.device, dtype=torch.float32, mode="exact", attention="sdpa",
+                         fused_norms=False, compile=False, text_encoder="offload")
+    done = export_onnx(pipe, a.out, a.component, getattr(torch, DTYPES[a.dtype]), a.size, tuple(a.lora))
+    for name, r in done.items():
+        print(f"wrote {r['path']} ({r['bytes'] / 2**20:.1f} MiB{', external data' if r['external_data'] else ''}) "
+              f"in {r['export_s']:.1f} s")
+        if "dynamic" in r:
+            print("  shapes: " + json.dumps(r["dynamic"]))
     return 0
 
 

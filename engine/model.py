@@ -348,19 +348,23 @@ class CogVideoXTransformer(nn.Module):
         return emb
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor,
-                ofs: torch.Tensor | None = None, positions=None) -> torch.Tensor:
+                ofs: torch.Tensor | None = None, positions=None, cache=None) -> torch.Tensor:
         """x: latents (B, F, C, H, W); text: (B, T, text_dim); timestep: (B,). Returns (B, F, C_out, H, W).
 
-        Three parts (embed, run_blocks, head), so that a step cache (engine/teacache.py) can skip the blocks
-        and a regional compile can take the blocks alone."""
+        Three parts (embed, run_blocks, head), so that a regional compile can take the blocks alone. A step
+        cache (engine/caches/, one request's) stands in for the block stack: it runs it, or part of it, or not."""
         # 1. Time embedding; every consumer (the adaLN projections) takes it through SiLU first
-        temb = F.silu(self.embed_time(timestep, ofs, x.dtype))
+        emb = self.embed_time(timestep, ofs, x.dtype)
+        temb = F.silu(emb)
         # 2. Patch and text embedding, with additive positions for 2B and 5B-I2V
         v, c, rope = self.embed(x, text, positions)
         # 3. Blocks
-        v, c = self.run_blocks(v, c, temb, rope)
+        v, c = self.run_blocks(v, c, temb, rope) if cache is None else cache.blocks(self, emb, v, c, temb, rope)
         # 4. Final norm and adaLN, 5. Unpatchify
-        return self.head(v, temb, x.shape)
+        out = self.head(v, temb, x.shape)
+        if cache is not None:
+            cache.observe(out)
+        return out
 
     def embed(self, x: torch.Tensor, text: torch.Tensor, positions=None):
         """Latents (B, F, C, H, W) and text (B, T, text_dim) -> video tokens (B, S, D), text tokens (B, T, D),
@@ -374,13 +378,14 @@ class CogVideoXTransformer(nn.Module):
             c, v = c + pos[:, :n_text], v + pos[:, self.cfg.max_text_seq_length:]
         return v, c, rope
 
-    def run_blocks(self, v: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, rope=None):
-        """All blocks over video tokens v (B, S, D) and text tokens c (B, T, D); temb is the SiLU'd time embedding."""
+    def run_blocks(self, v: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, rope=None, blocks=None):
+        """The blocks (all, or those given) over video tokens v (B, S, D) and text tokens c (B, T, D); temb is the
+        SiLU'd time embedding."""
         offload = self.offload_activations and self.gradient_checkpointing and torch.is_grad_enabled()
         if offload and not v.requires_grad:
             v = v.detach().requires_grad_()  # a reentrant checkpoint returns no gradient unless an input needs one
         with torch.autograd.graph.save_on_cpu(pin_memory=v.is_cuda) if offload else contextlib.nullcontext():
-            for block in self.blocks:
+            for block in self.blocks if blocks is None else blocks:
                 if self.gradient_checkpointing and torch.is_grad_enabled():
                     # with offload, the reentrant variant saves each block's inputs through autograd's saved-tensor
                     # hooks, which save_on_cpu moves to pinned host memory until the backward pass needs them

@@ -3,13 +3,17 @@
 The runner (engine/runner.py) applies the transforms in one order: LoRA fuse → quantize → attention backend
 (+ fused norm kernels) → compile. A mode only picks their settings:
 
-| mode               | linear layers          | attention                | TeaCache | T5          | VAE   |
-|--------------------|------------------------|--------------------------|----------|-------------|-------|
-| `exact`            | model dtype (bf16)     | fastest exact backend    | off      | model dtype | auto  |
-| `fp8`              | fp8 row-wise dynamic   | `triton-fp8`             | off      | int8 (w)    | tiled |
-| `fast`             | fp8 row-wise dynamic   | `triton-fp8`             | 0.2      | int8 (w)    | tiled |
-| `int8-dynamic`     | int8 dynamic           | fastest exact backend    | off      | int8 (w)    | tiled |
-| `int8-weight-only` | int8 weight-only       | fastest exact backend    | off      | int8 (w)    | tiled |
+| mode               | linear layers          | attention                | step cache   | T5          | VAE  |
+|--------------------|------------------------|--------------------------|--------------|-------------|------|
+| `exact`            | model dtype (bf16)     | fastest exact backend    | off          | model dtype | auto |
+| `fp8`              | fp8 row-wise dynamic   | `triton-fp8`             | off          | int8 (w)    | auto |
+| `fast`             | fp8 row-wise dynamic   | `triton-fp8`             | `fast` level | int8 (w)    | auto |
+| `int8-dynamic`     | int8 dynamic           | fastest exact backend    | off          | int8 (w)    | auto |
+| `int8-weight-only` | int8 weight-only       | fastest exact backend    | off          | int8 (w)    | auto |
+
+`fast`'s step cache: the probe cache at the model's calibrated `fast` level (engine/caches/, `cogrt
+calibrate-cache --levels`) where its folder has one, else TeaCache at threshold 0.2 (the published fit for the
+released checkpoints).
 
 On a CUDA GPU every mode also turns on the fused norm kernels and a regional torch.compile of the blocks
 (with a persistent cache). On the CPU the modes keep PyTorch's own attention, no Triton and no compile:
@@ -17,8 +21,10 @@ the interpreter is for tests, and a compile costs more than it saves on a tiny m
 tensor cores (compute capability 8.9 or newer); asking for it elsewhere is an error, not a silent fallback,
 so that nobody benchmarks a mode they are not running. The int8 modes are for GPUs without fp8 (A100, L40).
 
-The quantized modes tile the VAE decode and shrink T5 to int8 weights, so that 5B at 49 x 480 x 720 fits in
-16 GB end to end (bench/RESULTS.md, "The VAE decode: tiling and cuDNN's algorithm search").
+The quantized modes shrink T5 to int8 weights, and every mode tiles the VAE decode where the untiled one would
+not fit in the memory left (`auto`, within a per-process memory fraction if one is set), so that 5B at
+49 x 480 x 720 fits in 16 GB end to end while a large GPU decodes untiled, a second faster (bench/RESULTS.md,
+"The VAE decode: tiling and cuDNN's algorithm search").
 """
 from __future__ import annotations
 
@@ -97,7 +103,7 @@ def transforms_for(mode: str, device: torch.device, **overrides) -> Transforms:
         fused_norms=gpu,
         compile=gpu,
         text_encoder="full" if quant is None else "int8",
-        vae_tiling=None if quant is None else True,
+        vae_tiling=None,  # every mode: tiled only where the untiled decode would not fit
         teacache=FAST_TEACACHE if mode == "fast" else None,
     )
     overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -178,14 +178,14 @@ class UlyssesTransformer(CogVideoXTransformer):
 
     par: Parallel
 
-    def run_blocks(self, v, c, temb, rope=None):
+    def run_blocks(self, v, c, temb, rope=None, blocks=None):
         par, total = self.par, v.shape[1]
         start, end = par.shards(total)[par.sp_rank]
         for b in self.blocks:  # set only when they change: a compiled block recompiles for new values
             if (b.attend.n_text, b.attend.total) != (c.shape[1], total):
                 b.attend.n_text, b.attend.total = c.shape[1], total
         local_rope = None if rope is None else tuple(r[start:end].contiguous() for r in rope)
-        v, c = super().run_blocks(v[:, start:end].contiguous(), c, temb, local_rope)
+        v, c = super().run_blocks(v[:, start:end].contiguous(), c, temb, local_rope, blocks)
         return par.gather_tokens(v, total), c
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import loader, modes, quant, teacache
+from . import caches, loader, modes, quant
+from .caches import teacache
 from .lora import lora_key, read_lora
 from .model import CogVideoXTransformer, ModelConfig
 from .request import GenerationRequest, GenerationResult
@@ -44,14 +45,17 @@ class OutOfMemory(RuntimeError):
 
 class Pipeline:
     def __init__(self, runner: Runner, vae, text_encoder, tokenizer, scheduler_config: dict, device: torch.device,
-                 dtype: torch.dtype, offload: bool = False, mode: str = "exact", coefficients: Path | None = None):
-        """Use `load_pipeline` or `assemble`. `coefficients`: the model's own TeaCache fit, if it ships one."""
+                 dtype: torch.dtype, offload: bool = False, mode: str = "exact", coefficients: Path | None = None,
+                 levels: Path | None = None):
+        """Use `load_pipeline` or `assemble`. `coefficients`: the model's own TeaCache fit, if it ships one;
+        `levels`: its calibrated step-cache levels (engine.caches.LEVELS_FILE), if it ships them."""
         from diffusers.video_processor import VideoProcessor
         self.runner, self.transformer = runner, runner.model
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self.scheduler_config = dict(scheduler_config)
         self.device, self.dtype, self.offload = device, dtype, offload
         self.mode, self.transforms, self.coefficients = mode, runner.transforms, coefficients
+        self.levels = caches.read_levels(levels) if levels is not None else None
         self.vae_tiling = self.transforms.vae_tiling
         self.video_processor = VideoProcessor(vae_scale_factor=8)
         self._lock = threading.Lock()  # one request at a time: LoRA switching edits the shared weights
@@ -67,7 +71,7 @@ class Pipeline:
         """diffusers-style call: generate("a cat", num_frames=49, seed=0, loras=[("x.safetensors", 1.0)])."""
         return self.run(GenerationRequest(prompt=prompt, **kw), progress=progress)
 
-    def run(self, req: GenerationRequest, progress: bool = False, cache: teacache.TeaCacheState | None = None,
+    def run(self, req: GenerationRequest, progress: bool = False, cache: caches.StepCache | None = None,
             on_step: Callable[[str, int, int], None] | None = None) -> GenerationResult:
         """`cache` replaces the step cache the request would make (calibration passes one that records).
         `on_step(stage, done, total)` is called as the request moves on: ("text", 1, 1) once the prompt is encoded,
@@ -102,8 +106,17 @@ class Pipeline:
         if mode not in allowed:
             raise ValueError(f"this pipeline was loaded in mode {self.mode!r} ({self.transforms.describe()}); a "
                              f"request can ask for {', '.join(allowed)} here. Load another pipeline for {mode!r}")
-        if mode == "fast" and req.teacache is None and req.teacache_fixed_steps is None:
-            req.teacache = self.transforms.teacache or modes.FAST_TEACACHE
+        if mode == "fast" and all(x is None for x in (req.teacache, req.teacache_fixed_steps, req.cache,
+                                                      req.cache_threshold)):
+            # the probe cache at its `fast` level where the model was calibrated for it, else TeaCache
+            if self.levels is not None and "fast" in self.levels["thresholds"]:
+                req.cache = "fast"
+            else:
+                req.teacache = self.transforms.teacache or modes.FAST_TEACACHE
+        if req.cache is not None and req.cache_threshold is None and (
+                self.levels is None or req.cache not in self.levels["thresholds"]):
+            raise ValueError(f"this model has no calibrated {req.cache!r} step-cache level; run `cogrt "
+                             f"calibrate-cache --model DIR --levels` (it writes {caches.LEVELS_FILE} beside the model)")
         if req.teacache is not None and req.teacache_coefficients is None and self.coefficients is not None:
             req.teacache_coefficients = teacache.read_coefficients(self.coefficients)
         req.check_for(self.cfg)
@@ -117,7 +130,7 @@ class Pipeline:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if cache is None:  # a fresh step cache for each request (None when TeaCache is off)
-            cache = teacache.new_state(req, req.num_inference_steps)
+            cache = caches.new_state(req, req.num_inference_steps, self.levels)
         gen = torch.Generator("cpu").manual_seed(req.seed)
         cfg_on = req.guidance_scale > 1.0
 
@@ -215,9 +228,9 @@ class Pipeline:
         return torch.cat([z, pad], dim=1)
 
     def denoise(self, req: GenerationRequest, text: torch.Tensor, gen: torch.Generator, progress: bool,
-                cache: teacache.TeaCacheState | None = None, on_step=None):
+                cache: caches.StepCache | None = None, on_step=None):
         """Returns the final latents and how many leading latent frames are padding (1.5's temporal patch).
-        With a `cache` (TeaCache), the blocks run only on the steps it decides; it records which."""
+        With a step `cache` (engine/caches/), the model runs its blocks only where the cache decides to."""
         import diffusers
         from diffusers.utils.torch_utils import randn_tensor
         cfg, dev = self.cfg, self.device
@@ -252,8 +265,8 @@ class Pipeline:
         split = cfg_on and self.parallel is not None and self.parallel.layout.cfg == 2
         half = slice(self.parallel.cfg_rank, self.parallel.cfg_rank + 1) if split else slice(None)
         text = text[half]
-        if cache is not None:  # the whole TeaCache schedule now, not a host sync in every step
-            teacache.precompute(self.transformer, cache, timesteps, text.shape[0], ofs, latents.dtype)
+        if cache is not None:  # e.g. TeaCache's whole schedule now, not a host sync in every step
+            cache.prepare(self.transformer, timesteps, text.shape[0], ofs, latents.dtype)
         with torch.no_grad():
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", unit="step")):
                 x = torch.cat([latents, latents]) if cfg_on else latents
@@ -262,10 +275,7 @@ class Pipeline:
                     x = torch.cat([x, image], dim=2)
                 x = x[half]
                 self.runner.step_begin()
-                if cache is None:
-                    v = self.transformer(x, text, t.expand(x.shape[0]), ofs=ofs, positions=positions)
-                else:
-                    v = teacache.forward(self.transformer, cache, i, x, text, t.expand(x.shape[0]), ofs, positions)
+                v = self.transformer(x, text, t.expand(x.shape[0]), ofs=ofs, positions=positions, cache=cache)
                 v = self.parallel.cfg_gather(v) if split else v
                 v = v.float()
                 if cfg_on:
@@ -322,8 +332,15 @@ def _tiles_fit(vae) -> bool:
 
 
 def free_memory(device: torch.device) -> int:
+    """Bytes this process could still allocate: on CUDA, what the device has free plus what the caching allocator
+    holds unused, within the process's memory fraction (torch.cuda.set_per_process_memory_fraction) if one is set."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        reusable = torch.cuda.memory_reserved(device) - allocated
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cap = torch.cuda.get_per_process_memory_fraction(index) * total - allocated
+        return int(min(free + reusable, cap))
     try:
         import os
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -417,10 +434,11 @@ def load_pipeline(path_or_hub_id, device=None, dtype: torch.dtype | None = None,
     except (OSError, ValueError) as e:
         raise loader.CheckpointError(f"could not load a component of {root}: {e}") from e
     laps("vae_and_text_encoder")
-    coefficients = root / "teacache_coefficients.json"
+    coefficients, levels = root / "teacache_coefficients.json", root / caches.LEVELS_FILE
     pipe = assemble(transformer, vae, text_encoder, tokenizer, sched_cfg, device, dtype, mode, chosen,
                     offload=offload, cache_dir=cache_dir, keep_originals=keep_originals, originals_source=source,
-                    coefficients=coefficients if coefficients.is_file() else None, layout=layout)
+                    coefficients=coefficients if coefficients.is_file() else None,
+                    levels=levels if levels.is_file() else None, layout=layout)
     laps("transforms")
     if warm_up:
         pipe.warm_up()
@@ -468,7 +486,8 @@ def _import_in_background(torchao: bool, dynamo: bool) -> threading.Thread:
 
 def assemble(transformer, vae, text_encoder, tokenizer, scheduler_config: dict, device, dtype, mode: str = "exact",
              transforms: modes.Transforms | None = None, offload: bool = False, cache_dir=None,
-             keep_originals: bool = True, coefficients: Path | None = None, originals_source=None,
+             keep_originals: bool = True, coefficients: Path | None = None, levels: Path | None = None,
+             originals_source=None,
              layout=None) -> Pipeline:
     """A pipeline from components already in memory (benchmarks build random ones this way): the transforms
     of `mode` (or `transforms`) are applied here, in the runner's order."""
@@ -485,6 +504,7 @@ def assemble(transformer, vae, text_encoder, tokenizer, scheduler_config: dict, 
         par = Parallel(layout, device)
     runner = Runner(transformer, transforms, cache_dir=cache_dir, keep_originals=keep_originals,
                     originals_source=originals_source, parallel=par)
-    pipe = Pipeline(runner, vae, text_encoder, tokenizer, scheduler_config, device, dtype, offload, mode, coefficients)
+    pipe = Pipeline(runner, vae, text_encoder, tokenizer, scheduler_config, device, dtype, offload, mode, coefficients,
+                    levels)
     pipe.parallel = par
     return pipe

@@ -16,7 +16,8 @@ import numpy as np
 
 from .model import ModelConfig
 from .modes import check_mode
-from .teacache import check_fixed_steps, published_coefficients, read_coefficients
+from .caches import LEVELS
+from .caches.teacache import check_fixed_steps, published_coefficients, read_coefficients
 
 
 @dataclass
@@ -39,6 +40,10 @@ class GenerationRequest:
     # BENCHMARK ONLY: compute exactly these steps (engine.teacache.fixed_schedule), whatever the model says;
     # for speed runs on random weights, where TeaCache's own decisions mean nothing
     teacache_fixed_steps: tuple[int, ...] | None = None
+    # the probe cache (engine/caches/probe.py) at a quality level the model was calibrated for: safe, balanced or
+    # fast (engine.caches.LEVELS); or at a raw threshold (cache_threshold, for experts and calibration)
+    cache: str | None = None
+    cache_threshold: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.prompt, str):
@@ -70,14 +75,22 @@ class GenerationRequest:
             if not float(self.teacache) >= 0:
                 raise ValueError(f"teacache (a threshold) must be >= 0, got {self.teacache!r}")
             self.teacache = float(self.teacache)
-        if self.teacache is not None and self.teacache_fixed_steps is not None:
-            raise ValueError("pass teacache (a threshold) or teacache_fixed_steps (benchmarks), not both")
         if self.teacache_coefficients is not None:
             if self.teacache is None:
                 raise ValueError("teacache_coefficients were given without a teacache threshold")
             self.teacache_coefficients = read_coefficients(self.teacache_coefficients)
         if self.teacache_fixed_steps is not None:
             self.teacache_fixed_steps = check_fixed_steps(self.teacache_fixed_steps, self.num_inference_steps)
+        if self.cache is not None and self.cache not in LEVELS:
+            raise ValueError(f"unknown cache level {self.cache!r}; valid: {', '.join(LEVELS)} (or none)")
+        if self.cache_threshold is not None:
+            if not float(self.cache_threshold) >= 0:
+                raise ValueError(f"cache_threshold must be >= 0, got {self.cache_threshold!r}")
+            self.cache_threshold = float(self.cache_threshold)
+        asked = [n for n in ("teacache", "teacache_fixed_steps", "cache", "cache_threshold")
+                 if getattr(self, n) is not None]
+        if len(asked) > 1 and asked != ["cache", "cache_threshold"]:
+            raise ValueError(f"one step cache per request: got {' and '.join(asked)}")
 
     def check_for(self, cfg: ModelConfig) -> None:
         """Fill the model's defaults and apply its rules; every message gives the valid values."""
@@ -119,6 +132,6 @@ class GenerationResult:
     # seconds per stage: text, denoise, decode, total, and lora (switching the fused LoRA set; 0 when unchanged)
     timings: dict[str, float] = field(default_factory=dict)
     steps_computed: list[int] = field(default_factory=list)  # step indices whose blocks ran
-    steps_skipped: list[int] = field(default_factory=list)  # step indices served from the TeaCache residuals
+    steps_skipped: list[int] = field(default_factory=list)  # step indices served by the step cache
     mode: str = "exact"  # the mode the request ran in
     peak_memory_bytes: int | None = None  # the GPU's peak allocation during the request (None off the GPU)

@@ -1,6 +1,7 @@
 """Writing frames to mp4 (H.264 through PyAV) and .npy, never leaving a half-written file behind."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -72,3 +73,14 @@ def read_mp4(path: str | os.PathLike) -> np.ndarray:
     import av
     with av.open(str(path)) as f:
         return np.stack([fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)])
+
+
+def psnr(ref: np.ndarray, x: np.ndarray) -> float:
+    """Mean over frames of the PSNR (dB) of uint8 videos (F, H, W, 3); inf only where the videos are identical."""
+    mse = ((ref.astype(np.float64) - x.astype(np.float64)) ** 2).reshape(len(ref), -1).mean(1)  # (F,)
+    if not mse.any():
+        return math.inf
+    # one equal frame among differing ones would make the mean inf: count it as the smallest error a uint8
+    # frame can show (one value off by one)
+    mse = np.maximum(mse, 1.0 / ref[0].size)
+    return float(np.mean(10 * np.log10(255.0**2 / mse)))

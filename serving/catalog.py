@@ -2,14 +2,15 @@
 and the check of a create form against them. Every refusal names the field and lists the values that fit."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cogrt.engine import loader, modes
+from cogrt.engine import caches, loader, modes
 from cogrt.engine.model import ModelConfig
 from cogrt.engine.request import GenerationRequest
-from cogrt.engine.teacache import published_coefficients
+from cogrt.engine.caches.teacache import published_coefficients
 
 from .config import ServeConfig
 from .schema import ApiError, LoraRef, ModelInfo, VideoCreateForm
@@ -25,6 +26,7 @@ class Card:
     sizes: list[str]
     max_steps: int
     teacache: bool  # whether TeaCache coefficients exist for it
+    cache_levels: list[str] = dataclasses.field(default_factory=list)  # the probe cache's calibrated levels
 
     @property
     def fps(self) -> int:
@@ -51,7 +53,8 @@ class Card:
     def info(self, loras: list[str]) -> ModelInfo:
         return ModelInfo(id=self.name, variant=self.cfg.variant, image_to_video=self.cfg.is_i2v, fps=self.fps,
                          sizes=self.sizes, seconds=self.seconds, frames=self.frames, default_size=self.default_size,
-                         default_seconds=_seconds(self.cfg.sample_frames, self.fps), modes=self.modes, loras=loras,
+                         default_seconds=_seconds(self.cfg.sample_frames, self.fps), modes=self.modes,
+                         cache_levels=self.cache_levels, loras=loras,
                          max_inference_steps=self.max_steps)
 
 
@@ -66,7 +69,9 @@ def card_for(config: ServeConfig) -> Card:
         teacache = (root / "teacache_coefficients.json").is_file() or bool(published_coefficients(cfg))
     except ValueError:
         teacache = False
-    return Card(config.name, cfg, modes.check_mode(config.mode), sizes, config.max_steps, teacache)
+    levels = root / caches.LEVELS_FILE
+    levels = [k for k in caches.LEVELS if k in caches.read_levels(levels)["thresholds"]] if levels.is_file() else []
+    return Card(config.name, cfg, modes.check_mode(config.mode), sizes, config.max_steps, teacache, levels)
 
 
 def default_sizes(cfg: ModelConfig) -> list[str]:
@@ -127,7 +132,12 @@ def resolve(card: Card, form: VideoCreateForm, loras: list[str], has_image: bool
     if threshold is not None and not (math.isfinite(threshold) and 0 <= threshold <= 10):
         raise ApiError(400, "invalid_teacache", f"teacache_threshold must be in [0, 10]; got {threshold}",
                        "teacache_threshold")
-    if (threshold is not None or mode == "fast") and not card.teacache:
+    if form.cache is not None and form.cache not in card.cache_levels:
+        raise ApiError(400, "invalid_cache", f"cache must be one of the levels {card.name} was calibrated for: "
+                                             f"{card.cache_levels or 'none'}; got {form.cache!r}", "cache")
+    if form.cache is not None and threshold is not None:
+        raise ApiError(400, "invalid_cache", "pass cache (a level) or teacache_threshold, not both", "cache")
+    if (threshold is not None or mode == "fast") and not (card.teacache or "fast" in card.cache_levels):
         raise ApiError(400, "teacache_unavailable", f"{card.name} has no TeaCache coefficients (a released shape, or "
                                                     f"a teacache_coefficients.json beside it), so it cannot skip "
                                                     f"steps", "teacache_threshold" if threshold is not None else "mode")
@@ -143,7 +153,7 @@ def resolve(card: Card, form: VideoCreateForm, loras: list[str], has_image: bool
                                                    f"input_reference", "input_reference")
     return dict(prompt=form.prompt, negative_prompt=form.negative_prompt, frames=frames, width=width, height=height,
                 num_inference_steps=steps, guidance_scale=guidance, use_dynamic_cfg=form.use_dynamic_cfg,
-                seed=form.seed, mode=mode, teacache_threshold=threshold,
+                seed=form.seed, mode=mode, teacache_threshold=threshold, cache=form.cache,
                 loras=[LoraRef.model_dump(r) for r in refs], size=f"{width}x{height}",
                 seconds=_seconds(frames, card.fps), fps=card.fps)
 

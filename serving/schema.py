@@ -69,6 +69,8 @@ class VideoCreateForm(BaseModel):
     use_dynamic_cfg: bool = False
     mode: str | None = Field(None, description="exact, fp8, fast or an int8 mode: those the model serves")
     teacache_threshold: float | None = Field(None, description="TeaCache step skipping; higher skips more")
+    cache: str | None = Field(None, description="step skipping at a calibrated quality level: safe, balanced or "
+                                                "fast (GET /v1/models lists the model's)")
     frames: int | None = Field(None, description="8N+1 frames; overrides seconds")
     loras: str | None = Field(None, description='JSON list of {"name": ..., "weight": ...} from the registry')
 
@@ -160,6 +162,7 @@ class ModelInfo(BaseModel):
     default_size: str
     default_seconds: str
     modes: list[str]
+    cache_levels: list[str]
     loras: list[str]
     max_inference_steps: int
 
@@ -184,4 +187,4 @@ def to_request(params: dict, lora_paths: dict[str, str], image: Any = None) -> G
         num_frames=params["frames"], height=params["height"], width=params["width"],
         num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
         use_dynamic_cfg=params["use_dynamic_cfg"], seed=params["seed"], loras=loras, mode=params["mode"],
-        teacache=params["teacache_threshold"])
+        teacache=params["teacache_threshold"], cache=params.get("cache"))

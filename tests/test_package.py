@@ -39,6 +39,7 @@ def test_the_wheel_puts_one_name_at_the_top(wheel):
     for sub in SUBPACKAGES:
         assert f"cogrt/{sub}/__init__.py" in names
     assert "cogrt/models/cogrt-tiny/transformer/config.json" in names  # the bundled model travels with it
+    assert "cogrt/engine/caches/probe.py" in names  # subpackages are listed in pyproject.toml too
 
 
 def test_installed_wheel_beside_huggingface_kernels(wheel, tmp_path):

@@ -150,6 +150,7 @@ def test_cards_from_the_checkpoint(checkpoint):
     ({}, False, "image_required", "input_reference"),
     ({"size": "32x32"}, True, "invalid_size", "size"),
     ({"teacache_threshold": "0.1"}, True, "teacache_unavailable", "teacache_threshold"),
+    ({"cache": "fast"}, True, "invalid_cache", "cache"),  # no calibrated levels beside this checkpoint
 ])
 def test_an_image_to_video_model_needs_its_image(checkpoint, fields, image, code, param):
     from cogrt.serving.catalog import resolve
@@ -161,6 +162,20 @@ def test_an_image_to_video_model_needs_its_image(checkpoint, fields, image, code
         assert "64x64" in e.value.message
     ok = resolve(card(checkpoint, "5b-i2v"), VideoCreateForm(prompt="a cat"), [], True, 2000)
     assert ok["frames"] == 9 and (ok["width"], ok["height"]) == (64, 64)
+
+
+def test_cache_levels_from_the_models_calibration():
+    """The bundled model ships step_cache.json: its levels are listed and a request for one reaches the engine."""
+    from cogrt.serving.catalog import card_for, resolve
+    from cogrt.serving.config import ServeConfig
+    from cogrt.serving.schema import to_request
+    c = card_for(ServeConfig(db="sqlite://", outputs="/tmp"))
+    assert c.cache_levels == ["safe", "balanced", "fast"] and c.info([]).cache_levels == c.cache_levels
+    params = resolve(c, VideoCreateForm(prompt="a cat", cache="balanced"), [], False, 2000)
+    assert params["cache"] == "balanced" and to_request(params, {}).cache == "balanced"
+    with pytest.raises(ApiError) as e:
+        resolve(c, VideoCreateForm(prompt="a cat", cache="balanced", teacache_threshold=0.1), [], False, 2000)
+    assert (e.value.code, e.value.param) == ("invalid_cache", "cache")
 
 
 def test_keys_are_hashed_and_owners_apart(tmp_path):

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from helpers import random_image
 
-from cogrt.engine import cli, teacache
+from cogrt.engine import cli
+from cogrt.engine.caches import teacache
 from cogrt.engine.model import PRESETS
 from cogrt.engine.random_model import random_transformer
 from cogrt.engine.request import GenerationRequest
@@ -73,16 +74,24 @@ def test_schedule_worked_out_before_the_loop_matches_step_by_step(pipeline, monk
     d = [((b - a).abs().mean() / a.abs().mean()).item() for a, b in zip(embs, embs[1:])]
     req = dict(teacache=2.5 * float(np.median(d)), teacache_coefficients=[1.0, 0.0])
     planned = pipe.generate(PROMPT, **req, **kw)
-    monkeypatch.setattr(teacache, "precompute", lambda *a, **k: None)  # back to deciding at each step
+    monkeypatch.setattr(teacache.TeaCache, "prepare", lambda *a, **k: None)  # back to deciding at each step
     stepwise = pipe.generate(PROMPT, **req, **kw)
     assert 2 < len(planned.steps_computed) < 12
     assert planned.steps_computed == stepwise.steps_computed and torch.equal(planned.latents, stepwise.latents)
     monkeypatch.undo()
 
-    def no_sync(*a):
-        raise AssertionError("a per-step indicator sync")
-    monkeypatch.setattr(teacache, "rel_l1", no_sync)
-    assert pipe.generate(PROMPT, **req, **kw).steps_computed == planned.steps_computed
+    # the indicator is worked out before the first block runs, not step by step
+    ran, rel_l1 = [], teacache.rel_l1
+
+    def indicator(*a):
+        assert not ran, "an indicator computed inside the loop"
+        return rel_l1(*a)
+    monkeypatch.setattr(teacache, "rel_l1", indicator)
+    hook = pipe.transformer.blocks[0].register_forward_hook(lambda *_: ran.append(1))
+    try:
+        assert pipe.generate(PROMPT, **req, **kw).steps_computed == planned.steps_computed
+    finally:
+        hook.remove()
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +106,14 @@ def model_inputs():
 
 def test_skipped_step_adds_the_cached_residuals_of_both_streams(model_inputs):
     model, xs, text, ts = model_inputs
-    state = teacache.TeaCacheState(0.0, (), 4, fixed=frozenset({0, 3}))
+    state = teacache.TeaCache(0.0, (), 4, fixed=frozenset({0, 3}))
     calls = []
     hook = model.blocks[0].register_forward_hook(lambda *_: calls.append(1))
     try:
         with torch.no_grad():
-            teacache.forward(model, state, 0, xs[0], text, ts[0])
+            model(xs[0], text, ts[0], cache=state)
             n_after_first = len(calls)
-            out = teacache.forward(model, state, 1, xs[1], text, ts[1])
+            out = model(xs[1], text, ts[1], cache=state)
             n_after_skip = len(calls)
             # by hand: the blocks' residual at step 0, for each stream, added to step 1's embedded tokens
             v0, c0, rope = model.embed(xs[0], text)
@@ -112,12 +121,10 @@ def test_skipped_step_adds_the_cached_residuals_of_both_streams(model_inputs):
             v, c, rope = model.embed(xs[1], text)
             temb = F.silu(model.embed_time(ts[1], None, torch.float32))
             want = model.head(v + (v1 - v0), temb, xs[1].shape)
-            sv, sc = teacache.cached_blocks(model, state, False, v, c, temb, rope)
     finally:
         hook.remove()
     assert n_after_first == n_after_skip == 1  # the skipped step ran no block
-    assert torch.equal(state.residual_v, v1 - v0) and torch.equal(state.residual_c, c1 - c0)
-    assert torch.equal(sv, v + (v1 - v0)) and torch.equal(sc, c + (c1 - c0))
+    assert torch.equal(state.residuals.v[-1], v1 - v0) and torch.equal(state.residuals.c[-1], c1 - c0)
     assert torch.equal(out, want)
     assert state.computed == [0] and state.skipped == [1]
 
@@ -126,17 +133,17 @@ def test_state_is_per_request(model_inputs, pipeline):
     model, xs, text, ts = model_inputs
 
     def requests():  # two requests: their own states and their own latents
-        return [(teacache.TeaCacheState(0.0, (), 4, fixed=frozenset({0, 3})), xs),
-                (teacache.TeaCacheState(1.0, (1.0, 0.0), 4), xs[::-1])]
+        return [(teacache.TeaCache(0.0, (), 4, fixed=frozenset({0, 3})), xs),
+                (teacache.TeaCache(1.0, (1.0, 0.0), 4), xs[::-1])]
 
     with torch.no_grad():
-        alone = [[teacache.forward(model, s, i, x[i], text, ts[i]) for i in range(4)] for s, x in requests()]
+        alone = [[model(x[i], text, ts[i], cache=s) for i in range(4)] for s, x in requests()]
         reqs, mixed = requests(), ([], [])
         for i in range(4):  # stepped in turn on one model
             for (s, x), outs in zip(reqs, mixed):
-                outs.append(teacache.forward(model, s, i, x[i], text, ts[i]))
+                outs.append(model(x[i], text, ts[i], cache=s))
         with pytest.raises(RuntimeError, match="one request"):  # a used state cannot serve another request
-            teacache.forward(model, reqs[0][0], 0, xs[0], text, ts[0])
+            model(xs[0], text, ts[0], cache=reqs[0][0])
     assert [s.computed for s, _ in reqs] == [[0, 3], reqs[1][0].computed] and reqs[1][0].skipped
     for got, want in zip(mixed, alone):
         assert all(torch.equal(g, w) for g, w in zip(got, want))
@@ -160,7 +167,7 @@ def test_fixed_schedule():
     for bad in ((1, 5), (0, 3)):  # first and last must be in it
         with pytest.raises(ValueError, match="first"):
             GenerationRequest(PROMPT, teacache_fixed_steps=bad, **KW)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="one step cache"):
         GenerationRequest(PROMPT, teacache=0.1, teacache_fixed_steps=(0, 5), **KW)
 
 
@@ -188,7 +195,7 @@ def test_published_coefficients_only_for_the_released_shapes(pipeline, tmp_path,
     # the bundled model ships its own fit (models/cogrt-tiny/teacache_coefficients.json), which the CLI picks up
     rc = cli.main(["generate", PROMPT, "--frames", "9", "--height", "64", "--width", "64", "--steps", "6",
                    "--teacache", "0.2", "--device", "cpu", "-o", str(tmp_path / "o.mp4")])
-    assert rc == 0 and "TeaCache: computed" in capsys.readouterr().out
+    assert rc == 0 and "step cache: computed" in capsys.readouterr().out
 
 
 def test_request_checks():

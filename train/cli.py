@@ -16,11 +16,13 @@ def add_commands(sub) -> None:
     t.add_argument("--method", choices=["lora", "full"], default="lora")
     t.add_argument("--from-scratch", action="store_true", help="full training of a freshly initialised model")
     t.add_argument("--rank", type=int, default=64)
-    t.add_argument("--alpha", type=float, default=None, help="default: the rank (scale 1)")
+    t.add_argument("--alpha", type=float, default=None, help="default: the rank (scale 1); below rank/2 warns")
     t.add_argument("--targets", default=",".join(ATTENTION), help="diffusers module names, comma-separated")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch-size", type=int, default=1)
-    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--lr", type=float, default=None,
+                   help="default: 1e-5 for --method full, 1e-4 for lora (full fine-tuning above 5e-5 warns: it is "
+                        "known to warp shapes); required with --from-scratch")
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--warmup", type=int, default=0)
     t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")

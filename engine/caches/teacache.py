@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .model import PRESETS, ModelConfig
+from ..model import PRESETS, ModelConfig
+from . import Residuals, StepCache, rel_l1
 
 # Published coefficients, highest power first (numpy.polyval order). Numbers only, from
 # https://github.com/ali-vilab/TeaCache (commit 7c10efc4702c6b619f47805f7abe4a7a08085aa0),
@@ -102,34 +101,20 @@ def check_fixed_steps(steps, num_steps: int) -> tuple[int, ...]:
     return out
 
 
-def _rel_l1(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
-    """mean|cur - prev| / mean|prev|, in fp32, on the device."""
-    prev, cur = prev.float(), cur.float()
-    return (cur - prev).abs().mean() / prev.abs().mean()
+class TeaCache(StepCache):
+    """One request's TeaCache (the module docstring). `fixed`: BENCHMARK ONLY, compute exactly these steps;
+    `trace`: calibration, record (indicator, output change) at every step after the first."""
 
-
-def rel_l1(prev: torch.Tensor, cur: torch.Tensor) -> float:
-    """_rel_l1 as a number; a host sync."""
-    return _rel_l1(prev, cur).item()
-
-
-@dataclass
-class TeaCacheState:
-    """One request's step cache: made for the request, thrown away with it."""
-    threshold: float
-    coefficients: tuple[float, ...]
-    num_steps: int
-    fixed: frozenset[int] | None = None  # BENCHMARK ONLY: compute exactly these steps, whatever the indicator says
-    accumulated: float = 0.0  # the rescaled distance summed since the last computed step
-    prev_emb: torch.Tensor | None = None  # the indicator's input at the previous step, (B, time_embed_dim)
-    residual_v: torch.Tensor | None = None  # video stream: blocks' output - input at the last computed step, (B, S, D)
-    residual_c: torch.Tensor | None = None  # text stream, (B, T, D)
-    computed: list[int] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
-    trace: list[tuple[float, float]] | None = None  # calibration: (indicator, output change) per step after the first
-    distance: float | None = None  # the indicator at the current step
-    prev_out: torch.Tensor | None = None  # calibration: the previous step's output
-    schedule: frozenset[int] | None = None  # the steps to compute, when worked out before the loop (plan)
+    def __init__(self, threshold: float, coefficients: tuple[float, ...], num_steps: int,
+                 fixed: frozenset[int] | None = None, trace: list | None = None, forecast: int = 0):
+        super().__init__(num_steps)
+        self.threshold, self.coefficients, self.fixed, self.trace = threshold, coefficients, fixed, trace
+        self.residuals = Residuals(forecast)
+        self.accumulated = 0.0  # the rescaled distance summed since the last computed step
+        self.prev_emb: torch.Tensor | None = None  # the indicator's input at the previous step, (B, time_embed_dim)
+        self.distance: float | None = None  # the indicator at the current step
+        self.prev_out: torch.Tensor | None = None  # calibration: the previous step's output
+        self.schedule: frozenset[int] | None = None  # the steps to compute, when worked out before the loop
 
     def plan(self, distances: list[float]) -> None:
         """Decide every step up front from the indicator's distances (distances[i - 1]: step i against step i - 1),
@@ -151,18 +136,14 @@ class TeaCacheState:
         acc += max(0.0, float(np.polyval(self.coefficients, distance)))
         return (True, 0.0) if acc >= self.threshold else (False, acc)
 
-    def decide(self, step: int, emb: torch.Tensor) -> bool:
-        """True: run the blocks at this step. Steps must come in order, each once."""
-        if step != len(self.computed) + len(self.skipped) or step >= self.num_steps:
-            raise RuntimeError(f"TeaCacheState got step {step} after {len(self.computed) + len(self.skipped)} steps "
-                               f"of {self.num_steps}: a state serves one request, step by step")
+    def decide(self, emb: torch.Tensor) -> bool:
+        """True: run the blocks at this step."""
+        step = self.step
         self.distance = None
         if self.schedule is not None:
-            compute = step in self.schedule
-            (self.computed if compute else self.skipped).append(step)
-            return compute
+            return step in self.schedule
         if self.prev_emb is not None and (self.fixed is None or self.trace is not None):
-            self.distance = rel_l1(self.prev_emb, emb)
+            self.distance = rel_l1(self.prev_emb, emb).item()
         self.prev_emb = emb
         if self.fixed is not None:
             compute = step in self.fixed
@@ -172,50 +153,30 @@ class TeaCacheState:
             compute, self.accumulated = self._accumulate(self.accumulated, self.distance)
         if compute:
             self.accumulated = 0.0
-        (self.computed if compute else self.skipped).append(step)
         return compute
 
+    def prepare(self, model, timesteps, batch, ofs, dtype) -> None:
+        """plan() from the time embeddings of every step, made as the loop makes them (the same batch, so the same
+        numbers); one host sync. Calibration and fixed schedules are left to decide step by step."""
+        if self.fixed is not None or self.trace is not None or self.num_steps < 3:
+            return
+        with torch.no_grad():
+            embs = [model.embed_time(t.expand(batch), ofs, dtype) for t in timesteps]  # each (B, time_embed_dim)
+            d = torch.stack([rel_l1(a, b) for a, b in zip(embs, embs[1:])])
+        self.plan(d.tolist())
 
-def new_state(req, num_steps: int) -> TeaCacheState | None:
-    """The state for a request (engine.request.GenerationRequest), or None when its TeaCache is off."""
-    if req.teacache_fixed_steps is not None:
-        return TeaCacheState(0.0, (), num_steps, fixed=frozenset(req.teacache_fixed_steps))
-    if req.teacache is None:
-        return None
-    return TeaCacheState(float(req.teacache), tuple(req.teacache_coefficients), num_steps)
+    def blocks(self, model, emb, v, c, temb, rope):
+        compute = self.decide(emb)
+        step = self.step
+        self._count(compute)
+        if not compute:
+            return self.residuals.add_to(step, v, c)
+        v1, c1 = model.run_blocks(v, c, temb, rope)
+        self.residuals.record(step, v1 - v, c1 - c)
+        return v1, c1
 
-
-def precompute(model, state: TeaCacheState, timesteps: torch.Tensor, batch: int, ofs, dtype) -> None:
-    """state.plan() from the time embeddings of every step, made as the loop makes them (the same batch, so the
-    same numbers); one host sync. Calibration and fixed schedules are left to decide step by step."""
-    if state.fixed is not None or state.trace is not None or state.num_steps < 3:
-        return
-    with torch.no_grad():
-        embs = [model.embed_time(t.expand(batch), ofs, dtype) for t in timesteps]  # each (B, time_embed_dim)
-        d = torch.stack([_rel_l1(a, b) for a, b in zip(embs, embs[1:])])
-    state.plan(d.tolist())
-
-
-def cached_blocks(model, state: TeaCacheState, compute: bool, v, c, temb, rope):
-    """model.run_blocks, or the cached residuals of both streams added to v (B, S, D) and c (B, T, D)."""
-    if not compute:
-        return v + state.residual_v, c + state.residual_c
-    v1, c1 = model.run_blocks(v, c, temb, rope)
-    state.residual_v, state.residual_c = v1 - v, c1 - c
-    return v1, c1
-
-
-def forward(model, state: TeaCacheState, step: int, x, text, timestep, ofs=None, positions=None) -> torch.Tensor:
-    """model(x, text, timestep, ofs, positions) at denoising step `step`, with the blocks skipped where the
-    state says so. The whole CFG batch is decided together."""
-    emb = model.embed_time(timestep, ofs, x.dtype)  # (B, time_embed_dim)
-    compute = state.decide(step, emb)
-    v, c, rope = model.embed(x, text, positions)
-    temb = F.silu(emb)
-    v, c = cached_blocks(model, state, compute, v, c, temb, rope)
-    out = model.head(v, temb, x.shape)
-    if state.trace is not None:
-        if state.prev_out is not None:
-            state.trace.append((state.distance, rel_l1(state.prev_out, out)))
-        state.prev_out = out
-    return out
+    def observe(self, out: torch.Tensor) -> None:
+        if self.trace is not None:
+            if self.prev_out is not None:
+                self.trace.append((self.distance, rel_l1(self.prev_out, out).item()))
+            self.prev_out = out

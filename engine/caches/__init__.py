@@ -1,0 +1,134 @@
+"""Step caches: skip the transformer's block stack on denoising steps where its output would barely change.
+
+A cache is a per-request object (made for one request, thrown away with it). The model calls it once a step
+in place of its block stack (`CogVideoXTransformer.forward(..., cache=)`): `blocks` either runs them or adds
+back what they added at an earlier step. The pipeline's loop knows nothing of what a cache decides; it calls
+`prepare` once before the loop, which lets a cache whose decisions depend on the timestep alone work out its
+whole schedule there, with one host sync per request.
+
+The caches: `teacache` (TeaCache's time-embedding indicator), `probe` (the first block's change decides, the
+skipped residual forecast from the last computed ones). A new one is one new file with a `StepCache` subclass,
+named in `KINDS`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+class StepCache:
+    """The interface and the bookkeeping every cache shares: which steps ran the blocks, which did not."""
+
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
+        self.computed: list[int] = []
+        self.skipped: list[int] = []
+
+    @property
+    def step(self) -> int:
+        """The step the next `blocks` call is for: steps come in order, each once."""
+        return len(self.computed) + len(self.skipped)
+
+    def prepare(self, model, timesteps: torch.Tensor, batch: int, ofs, dtype) -> None:
+        """Before the loop; `timesteps` are the scheduler's."""
+
+    def blocks(self, model, emb: torch.Tensor, v: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, rope):
+        """The block stack's output for video tokens v (B, S, D) and text tokens c (B, T, D) at this step; emb is
+        the time embedding before SiLU (B, time_embed_dim), temb after it."""
+        raise NotImplementedError
+
+    def observe(self, out: torch.Tensor) -> None:
+        """The model's output at this step (calibration records it)."""
+
+    def _count(self, compute: bool) -> None:
+        if self.step >= self.num_steps:
+            raise RuntimeError(f"{type(self).__name__} got a step past its {self.num_steps}: a state serves one "
+                               f"request, step by step")
+        (self.computed if compute else self.skipped).append(self.step)
+
+
+def rel_l1(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+    """mean|cur - prev| / mean|prev|, in fp32, on the device."""
+    prev, cur = prev.float(), cur.float()
+    return (cur - prev).abs().mean() / prev.abs().mean()
+
+
+class Residuals:
+    """What the skipped blocks would have added, from what they added at the last computed steps.
+
+    order 0 adds the last residual as it is (TeaCache, FirstBlockCache). order k forecasts it with Newton's
+    divided differences over the last k + 1 computed steps, in the step index: a Taylor expansion of the
+    residual along the trajectory (TaylorSeer's idea), which follows its drift between computed steps instead
+    of holding it still."""
+
+    def __init__(self, order: int = 0):
+        if order not in (0, 1, 2):
+            raise ValueError(f"a residual forecast of order {order}: 0, 1 or 2")
+        self.order = order
+        self.steps: list[int] = []
+        self.v: list[torch.Tensor] = []  # the video stream's residual at those steps, each (B, S, D)
+        self.c: list[torch.Tensor] = []  # the text stream's, each (B, T, D)
+
+    def record(self, step: int, rv: torch.Tensor, rc: torch.Tensor) -> None:
+        keep = self.order + 1
+        self.steps, self.v, self.c = (self.steps + [step])[-keep:], (self.v + [rv])[-keep:], (self.c + [rc])[-keep:]
+
+    def predict(self, step: int, xs: list[torch.Tensor]) -> torch.Tensor:
+        ts = self.steps
+        out, diffs, basis = xs[-1], list(xs), 1.0
+        # divided differences, newest point first: f[t_n], f[t_n, t_n-1], ...
+        for k in range(1, len(xs)):
+            diffs = [(diffs[i + 1] - diffs[i]) / (ts[i + k] - ts[i]) for i in range(len(diffs) - 1)]
+            basis = basis * (step - ts[-k])
+            out = out + diffs[-1] * basis
+        return out
+
+    def add_to(self, step: int, v: torch.Tensor, c: torch.Tensor):
+        if not self.steps:
+            raise RuntimeError("a step was skipped before any was computed")
+        return v + self.predict(step, self.v), c + self.predict(step, self.c)
+
+
+# Quality levels, by the mean PSNR (dB) of the frames against the uncached run that `cogrt calibrate-cache` finds
+# a threshold for on the model's own trajectories. `fast` aims above 30 dB so that held-out prompts stay there.
+LEVELS = {"safe": 40.0, "balanced": 35.0, "fast": 32.0}
+LEVELS_FILE = "step_cache.json"  # in the model's folder, beside teacache_coefficients.json
+
+
+def read_levels(path) -> dict:
+    """A `cogrt calibrate-cache` levels file: {"kind": "probe", "order": k, "levels": {name: {"threshold": ...}}}."""
+    path = Path(path)
+    try:
+        out = json.loads(path.read_text())
+        thresholds = {k: float(v["threshold"]) for k, v in out["levels"].items()}
+        order = int(out.get("order", 2))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a calibrate-cache levels file: {e}") from e
+    unknown = set(thresholds) - set(LEVELS)
+    if unknown:
+        raise ValueError(f"{path} names unknown levels {sorted(unknown)}; valid: {', '.join(LEVELS)}")
+    return {"order": order, "thresholds": thresholds}
+
+
+def new_state(req, num_steps: int, levels: dict | None = None) -> StepCache | None:
+    """The step cache for a request (engine.request.GenerationRequest), or None when it computes every step.
+    `levels`: the model's read_levels(), which a request's quality level needs."""
+    from .probe import ProbeCache
+    from .teacache import TeaCache
+    if req.teacache_fixed_steps is not None:
+        return TeaCache(0.0, (), num_steps, fixed=frozenset(req.teacache_fixed_steps))
+    if req.teacache is not None:
+        return TeaCache(float(req.teacache), tuple(req.teacache_coefficients), num_steps)
+    if req.cache is None and req.cache_threshold is None:
+        return None
+    order = levels["order"] if levels else 2
+    threshold = req.cache_threshold
+    if threshold is None:
+        if not levels or req.cache not in levels["thresholds"]:
+            raise ValueError(f"this model has no calibrated {req.cache!r} cache level; run `cogrt calibrate-cache "
+                             f"--model DIR --levels` (it writes {LEVELS_FILE} beside the model), or pass a "
+                             f"cache_threshold")
+        threshold = levels["thresholds"][req.cache]
+    return ProbeCache(threshold, num_steps, order=order)
