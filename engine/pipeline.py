@@ -266,6 +266,7 @@ class Pipeline:
         half = slice(self.parallel.cfg_rank, self.parallel.cfg_rank + 1) if split else slice(None)
         text = text[half]
         if cache is not None:  # e.g. TeaCache's whole schedule now, not a host sync in every step
+            cache.parallel = self.parallel
             cache.prepare(self.transformer, timesteps, text.shape[0], ofs, latents.dtype)
         with torch.no_grad():
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", unit="step")):

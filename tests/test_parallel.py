@@ -1,5 +1,6 @@
 """Several processes per video on the CPU (gloo, through torchrun): the `cfg` and `ulysses=2` layouts, and both
-together on four processes, give the frames one process gives, within 1/255; with TeaCache on and with a LoRA too.
+together on four processes, give the frames one process gives, within 1/255; with TeaCache on, with the probe
+cache on and with a LoRA too.
 The tiled VAE decode with its tiles dealt out to the ranks equals diffusers' own tiled decode."""
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import pytest
 import torch
 
 from test_lora import make_lora
+
+from cogrt.engine.caches.probe import ProbeCache
+from cogrt.engine.request import GenerationRequest
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 BASE = dict(prompt="a lighthouse in a storm", num_frames=9, height=64, width=64, num_inference_steps=4, seed=3)
@@ -31,6 +35,10 @@ def cases(lora: Path) -> dict:
 def test_layouts_match_one_process(checkpoint, pipeline, tmp_path, procs, layout):
     lora = make_lora(tmp_path / "l.safetensors", dim=32)
     todo = cases(lora) if procs == 4 else {"plain": cases(lora)["plain"]}  # the four ranks run every case
+    if procs == 4:  # the probe cache decides on the whole CFG batch's numbers, split over two CFG ranks here
+        seen = ProbeCache(0.0, 8)
+        pipeline("5b").run(GenerationRequest(**dict(BASE, num_inference_steps=8)), cache=seen)
+        todo["probe"] = dict(BASE, num_inference_steps=8, cache_threshold=float(np.median(seen.distances)))
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -46,8 +54,9 @@ def test_layouts_match_one_process(checkpoint, pipeline, tmp_path, procs, layout
         diff = np.abs(got.astype(int) - want.frames.astype(int)).max()
         assert got.shape == want.frames.shape and diff <= 1, (name, diff)
         assert json.loads((out / f"{name}.json").read_text())["computed"] == want.steps_computed, name
-    if "teacache" in todo:
-        assert len(json.loads((out / "teacache.json").read_text())["computed"]) < 8  # some steps were skipped
+    for name in ("teacache", "probe"):
+        if name in todo:  # some steps were skipped
+            assert len(json.loads((out / f"{name}.json").read_text())["computed"]) < 8, name
 
     vae = one.vae
     tiling = (vae.use_tiling, vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_latent_min_height,

@@ -25,6 +25,7 @@ class StepCache:
         self.num_steps = num_steps
         self.computed: list[int] = []
         self.skipped: list[int] = []
+        self.parallel = None  # engine.parallel.Parallel where the request spans several ranks (the pipeline sets it)
 
     @property
     def step(self) -> int:

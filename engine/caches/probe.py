@@ -10,8 +10,8 @@ and TeaCache, but its forecast from the last computed steps (`Residuals`, order 
 trajectory the residual drifts smoothly, and following that drift is what keeps quality at aggressive
 settings. The first and the last step always compute.
 
-The decision needs the probe's distance on the host: one sync a step. Under a parallel layout every rank
-takes the largest distance of all ranks, so that all make the same decision.
+The decision needs the probe's distance on the host: one sync a step. Under a parallel layout the distance is
+summed over the CFG ranks, so that every rank makes the decision one process would.
 """
 from __future__ import annotations
 
@@ -36,10 +36,16 @@ class ProbeCache(StepCache):
         self.distances: list[float] = []
 
     def _distances(self, expected: list[torch.Tensor], r: torch.Tensor) -> list[float]:
-        d = torch.stack([rel_l1(e, r) for e in expected])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(d, op=dist.ReduceOp.MAX)
-        return d.tolist()
+        """rel_l1 of r against each expectation, over the whole CFG batch: with the `cfg` layout each rank holds
+        half of it, so the sums are added over the CFG ranks (every sequence rank holds all the tokens after
+        the blocks), and every rank decides on the same numbers as one process would."""
+        par = self.parallel
+        if par is None or par.layout.cfg == 1:
+            return [rel_l1(e, r).item() for e in expected]
+        r = r.float()
+        sums = torch.stack([t for e in expected for t in ((r - e.float()).abs().sum(), e.float().abs().sum())])
+        dist.all_reduce(sums, group=par.cfg_group)
+        return [(a / b).item() for a, b in sums.view(-1, 2)]
 
     def blocks(self, model, emb, v, c, temb, rope):
         step = self.step
