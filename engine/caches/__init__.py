@@ -12,13 +12,14 @@ named in `KINDS`.
 """
 from __future__ import annotations
 
+import abc
 import json
 from pathlib import Path
 
 import torch
 
 
-class StepCache:
+class StepCache(abc.ABC):
     """The interface and the bookkeeping every cache shares: which steps ran the blocks, which did not."""
 
     def __init__(self, num_steps: int):
@@ -35,10 +36,10 @@ class StepCache:
     def prepare(self, model, timesteps: torch.Tensor, batch: int, ofs, dtype) -> None:
         """Before the loop; `timesteps` are the scheduler's."""
 
+    @abc.abstractmethod
     def blocks(self, model, emb: torch.Tensor, v: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, rope):
         """The block stack's output for video tokens v (B, S, D) and text tokens c (B, T, D) at this step; emb is
         the time embedding before SiLU (B, time_embed_dim), temb after it."""
-        raise NotImplementedError
 
     def observe(self, out: torch.Tensor) -> None:
         """The model's output at this step (calibration records it)."""
@@ -86,9 +87,12 @@ class Residuals:
             out = out + diffs[-1] * basis
         return out
 
-    def add_to(self, step: int, v: torch.Tensor, c: torch.Tensor):
+    def add_to(self, step: int, v: torch.Tensor, c: torch.Tensor, hold: bool = False):
+        """v and c with the residuals added: forecast to `step`, or (hold) the last ones as they are."""
         if not self.steps:
             raise RuntimeError("a step was skipped before any was computed")
+        if hold:
+            return v + self.v[-1], c + self.c[-1]
         return v + self.predict(step, self.v), c + self.predict(step, self.c)
 
 

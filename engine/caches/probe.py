@@ -31,7 +31,6 @@ class ProbeCache(StepCache):
         self.residuals = Residuals(order)
         # the first block's residual at the computed steps, (B, S, D) each; forecast like the rest's
         self.probes = Residuals(order if decide != "last" else 0)
-        self.probe: torch.Tensor | None = None  # the first block's residual at the last computed step
         self.skips = 0  # skipped in a row
         self.distances: list[float] = []
 
@@ -41,7 +40,7 @@ class ProbeCache(StepCache):
         the blocks), and every rank decides on the same numbers as one process would."""
         par = self.parallel
         if par is None or par.layout.cfg == 1:
-            return [rel_l1(e, r).item() for e in expected]
+            return torch.stack([rel_l1(e, r) for e in expected]).tolist()  # one host sync for all
         r = r.float()
         sums = torch.stack([t for e in expected for t in ((r - e.float()).abs().sum(), e.float().abs().sum())])
         dist.all_reduce(sums, group=par.cfg_group)
@@ -51,26 +50,24 @@ class ProbeCache(StepCache):
         step = self.step
         v0, c0 = model.run_blocks(v, c, temb, rope, blocks=model.blocks[:1])
         r = v0 - v
-        compute = step == 0 or step == self.num_steps - 1 or self.probe is None
+        compute = step == 0 or step == self.num_steps - 1 or not self.probes.steps
         hold = False
         if not compute:
+            last = self.probes.v[-1]  # the probe at the last computed step
             forecast = self.probes.predict(step, self.probes.v)
             if self.decide == "best":  # the forecast where it predicts the probe better than holding it still
-                d_forecast, d_hold = self._distances([forecast, self.probe], r)
+                d_forecast, d_hold = self._distances([forecast, last], r)
                 d, hold = min(d_forecast, d_hold), d_hold < d_forecast
             else:
-                d, hold = self._distances([forecast if self.decide == "forecast" else self.probe], r)[0], False
+                d, hold = self._distances([forecast if self.decide == "forecast" else last], r)[0], False
             self.distances.append(d)
             compute = d >= self.threshold or (self.max_skips is not None and self.skips >= self.max_skips)
         self._count(compute)
         if not compute:
             self.skips += 1
-            if hold:
-                return v0 + self.residuals.v[-1], c0 + self.residuals.c[-1]
-            return self.residuals.add_to(step, v0, c0)
+            return self.residuals.add_to(step, v0, c0, hold=hold)
         self.skips = 0
-        self.probe = r
-        self.probes.record(step, r, r[:, :0])
+        self.probes.record(step, r, r[:, :0])  # the probe has no text stream of its own
         v1, c1 = model.run_blocks(v0, c0, temb, rope, blocks=model.blocks[1:])
         self.residuals.record(step, v1 - v0, c1 - c0)
         return v1, c1
