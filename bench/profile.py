@@ -171,12 +171,12 @@ def main(argv=None):
         for fam, top in rows[-1]["top"].items():
             print(f"  {fam}: " + "; ".join(f"{n} {ms} ms x{k:g}" for n, ms, k in top[:3]), flush=True)
         torch.cuda.empty_cache()
+        if a.json:  # after each mode, so that a run cut short keeps what it measured
+            meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, preset=a.preset,
+                        commit=os.environ.get("COGRT_COMMIT", "?"), size=f"{a.frames}x{a.height}x{a.width}")
+            with open(a.json, "w") as f:
+                json.dump({**meta, "rows": rows}, f, indent=1)
     print(markdown(rows))
-    if a.json:
-        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, preset=a.preset,
-                    commit=os.environ.get("COGRT_COMMIT", "?"), size=f"{a.frames}x{a.height}x{a.width}")
-        with open(a.json, "w") as f:
-            json.dump({**meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

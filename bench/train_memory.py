@@ -27,13 +27,14 @@ def write_random_latents(out: Path, cfg, n: int, frames: int, height: int, width
     (out / "samples").mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     index = []
+    c = cfg.out_channels  # the VAE's latent channels (an I2V model's in_channels also count the image's)
     for i in range(n):
-        t = {"latent_mean": torch.randn(cfg.in_channels, lat_f, h, w, generator=g),  # (C, F_latent, h, w)
-             "latent_logvar": torch.full((cfg.in_channels, lat_f, h, w), -6.0),
+        t = {"latent_mean": torch.randn(c, lat_f, h, w, generator=g),  # (C, F_latent, h, w)
+             "latent_logvar": torch.full((c, lat_f, h, w), -6.0),
              "prompt_embeds": torch.randn(cfg.max_text_seq_length, cfg.text_embed_dim, generator=g)}
         if cfg.is_i2v:
-            t["image_mean"] = torch.randn(cfg.in_channels, 1, h, w, generator=g)
-            t["image_logvar"] = torch.full((cfg.in_channels, 1, h, w), -6.0)
+            t["image_mean"] = torch.randn(c, 1, h, w, generator=g)
+            t["image_logvar"] = torch.full((c, 1, h, w), -6.0)
         save_file({k: v.bfloat16() for k, v in t.items()}, str(out / f"samples/{i:06d}.safetensors"))
         index.append({"id": f"{i:06d}", "caption": "random", "frames": frames, "height": height, "width": width,
                       "file": f"samples/{i:06d}.safetensors", "has_image": cfg.is_i2v})

@@ -131,18 +131,18 @@ def _transformer_dim_names(proto) -> dict[str, str]:
     for axis, name in zip((0, 1, 3, 4), ("batch", "latent_frames", "latent_height", "latent_width")):
         if shapes["latents"][axis]:
             names[shapes["latents"][axis]] = name
-    for table in ("rope_cos", "pos_embed"):
+    for table in ("rope_cos", "rope_sin", "pos_embed"):
         axis = 1 if table == "pos_embed" else 0
         if table in shapes and shapes[table][axis]:
-            names.setdefault(shapes[table][axis], "video_tokens" if table == "rope_cos" else "tokens")
+            names.setdefault(shapes[table][axis], "tokens" if table == "pos_embed" else "video_tokens")
     return names
 
 
-def export_transformer(pipe, out: Path, req: GenerationRequest, dtype: torch.dtype, loras=()) -> dict:
+def export_transformer(model, out: Path, req: GenerationRequest, dtype: torch.dtype, loras=()) -> dict:
+    """`model`: a native (uncompiled, unquantized) transformer; its LoRAs, named in `loras`, already fused."""
     from torch.export import Dim
-    check_native(pipe)
-    model = pipe.transformer.to(dtype).eval()
-    inputs = transformer_inputs(model, req, 2, dtype, pipe.device)
+    model = model.to(dtype).eval()
+    inputs = transformer_inputs(model, req, 2, dtype, next(model.parameters()).device)
     auto = Dim.AUTO  # torch.export works out which axes stay dynamic, and how the tables' length follows them
     dynamic = {"latents": {0: auto, 1: auto, 3: auto, 4: auto}, "text_embeds": {0: auto}, "timestep": {0: auto},
                "rope_cos": {0: auto}, "rope_sin": {0: auto}, "pos_embed": {1: auto}, "ofs": None}
@@ -174,7 +174,6 @@ def _dynamic_axes(path: Path) -> dict:
 
 
 def export_decoder(pipe, out: Path, req: GenerationRequest, dtype: torch.dtype) -> dict:
-    check_native(pipe)
     vae = pipe.vae.to(dtype).eval()
     vae.disable_tiling()
     vae.disable_slicing()
@@ -202,6 +201,7 @@ def export_onnx(pipe, out, component: str = "all", dtype: torch.dtype = torch.fl
     from .lora import lora_key, read_lora
     if component not in ("transformer", "vae-decoder", "all"):
         raise ExportError(f"unknown component {component!r}; valid: transformer, vae-decoder, all")
+    check_native(pipe)
     cfg = pipe.cfg
     req = _request(size, cfg)
     out = Path(out)
@@ -210,7 +210,7 @@ def export_onnx(pipe, out, component: str = "all", dtype: torch.dtype = torch.fl
         pipe.runner.switch_loras([(read_lora(p), w) for p, w in loras], lora_key(loras))
     done = {}
     if component in ("transformer", "all"):
-        done["transformer"] = export_transformer(pipe, out, req, dtype, loras)
+        done["transformer"] = export_transformer(pipe.transformer, out, req, dtype, loras)
     if component in ("vae-decoder", "all"):
         done["vae_decoder"] = export_decoder(pipe, out, req, dtype)
     return done

@@ -51,7 +51,8 @@ def test_graphs_pass_the_checker_and_name_everything(exported):
     shapes = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
               for vi in list(proto.graph.input) + list(proto.graph.output)}
     assert shapes["latents"][0] == "batch" and shapes["latents"][1] == "latent_frames"
-    assert shapes["latents"][3:] == ["latent_height", "latent_width"] and shapes["rope_cos"][0] == "video_tokens"
+    assert shapes["latents"][3:] == ["latent_height", "latent_width"]
+    assert shapes["rope_cos"][0] == shapes["rope_sin"][0] == "video_tokens"
     assert set(shapes) == {"latents", "text_embeds", "timestep", "rope_cos", "rope_sin", "noise_pred"}
     props = {p.key: p.value for p in proto.metadata_props}
     assert props["cogrt.component"] == "transformer" and "noise_pred" in props["cogrt.shapes"]
