@@ -6,12 +6,12 @@ import argparse
 BENCHES = {"modes": "modes", "coldstart": "coldstart", "lora-switch": "lora_switch", "quality": "quality",
            "fp8-ablation": "fp8_ablation", "kernels": "kernels", "step": "step", "read": "read", "decode": "decode",
            "train-memory": "train_memory", "serve": "serve_load", "serve-overhead": "serve_overhead",
-           "caches": "caches", "profile": "profile"}
+           "caches": "caches", "profile": "profile", "finetune": "finetune"}
 
 
 def add_commands(sub) -> None:
     b = sub.add_parser("bench", help="measurements: modes against diffusers, cold start, LoRA switch, quality, "
-                                     "kernels, one step, ...", add_help=False)
+                                     "kernels, one step, fine-tuning distortion, ...", add_help=False)
     b.add_argument("what", choices=sorted(BENCHES), help="which measurement; its own --help lists its options")
     b.add_argument("args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)

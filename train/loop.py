@@ -3,7 +3,8 @@
 Single process, or several under `torchrun` (DDP for LoRA, FSDP2 for full training). Checkpoints hold the
 trainable weights, the optimizer, every RNG and the data position, so a killed run resumes losing at most
 the steps since its last checkpoint. Validation videos come from the engine's own pipeline, with the LoRA
-applied exactly as serving applies it.
+applied exactly as serving applies it. For models of the synthetic world (the bundled tiny model), a guard
+scores adherence and shape distortion every N steps and can keep the best model (`guard`, `keep_best`).
 """
 from __future__ import annotations
 
@@ -58,6 +59,14 @@ class TrainConfig:
     validation_images: tuple[str, ...] = ()
     validation_args: dict = field(default_factory=lambda: dict(num_frames=9, height=64, width=64,
                                                                 num_inference_steps=20, seed=0))
+    # The guard: every guard_every steps (and at the last), videos of guard_prompts scored for adherence and
+    # distortion by the synthetic world's evaluator (`guard`). Only meaningful for models of that world: the
+    # bundled tiny model and its fine-tunes.
+    guard_every: int = 0
+    guard_prompts: tuple[str, ...] = ()  # captions of train.synthetic; empty: GUARD_PROMPTS
+    guard_args: dict = field(default_factory=lambda: dict(num_frames=49, height=128, width=128,
+                                                           num_inference_steps=20, guidance_scale=6.0, seed=0))
+    keep_best: bool = False  # export the model of the best guard score to out/best, with best.json
     log_every: int = 10
     time_limit: float | None = None  # seconds; the run ends (and exports) at the first step past it
     cache_latents: bool = False  # hold the whole precomputed dataset in host memory (small datasets)
@@ -150,6 +159,7 @@ def train(tc: TrainConfig, transformer: CogVideoXTransformer | None = None) -> d
     from .precompute import BucketBatchSampler, LatentDataset
     resolve_defaults(tc)
     rank, world = _setup_distributed()
+    prompts = guard_prompts(tc, world)
     dev = torch.device(tc.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
                                      else "cpu"))
     if dev.type == "cuda" and dev.index is not None:
@@ -206,14 +216,16 @@ def train(tc: TrainConfig, transformer: CogVideoXTransformer | None = None) -> d
     sampler = BucketBatchSampler(dataset, tc.batch_size, seed=tc.seed, shuffle=True, rank=rank, world_size=world)
     gen = torch.Generator(dev).manual_seed(tc.seed * 1000 + rank)
     state = ckpt.TrainState(step=0)
-    if tc.resume:
-        found = ckpt.latest(out)
-        if found is not None:
-            state = ckpt.load(found, model, opt, sched_lr, sampler, gen, tc.method, rank)
-            log.info("[rank %d] resumed from %s at step %d", rank, found, state.step)
+    found = ckpt.latest(out) if tc.resume else None
+    if found is not None:
+        state = ckpt.load(found, model, opt, sched_lr, sampler, gen, tc.method, rank)
+        log.info("[rank %d] resumed from %s at step %d", rank, found, state.step)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2, default=str))
+    guards, best = [], None  # the guard's scores, and its best (rank 0)
+    if prompts and rank == 0:
+        guards, best = _guard_resume(out, state.step if found is not None else None)
 
     val_pipe = None  # built at the first validation
     positions: dict[tuple, tuple] = {}  # per bucket; they depend only on the latent shape
@@ -266,10 +278,15 @@ def train(tc: TrainConfig, transformer: CogVideoXTransformer | None = None) -> d
         if tc.validate_every and tc.validation_prompts and state.step % tc.validate_every == 0 and rank == 0:
             val_pipe = val_pipe or validation_pipeline(model, root, dev)
             validate(tc, model, val_pipe, out / "validation" / f"step_{state.step:06d}")
+        if prompts and (state.step % tc.guard_every == 0 or state.step == tc.steps) and rank == 0:
+            val_pipe = val_pipe or validation_pipeline(model, root, dev)
+            guards.append(guard(tc, model, val_pipe, prompts, out, state.step))
+            if tc.keep_best and (best is None or guards[-1]["score"] > best["score"]):
+                best = keep_best(tc, model, out, guards[-1])
     final = export(tc, model, out, rank)
     if world > 1:
         torch.distributed.barrier()
-    return dict(history=history, export=str(final) if final else None, steps=state.step)
+    return dict(history=history, export=str(final) if final else None, steps=state.step, guard=guards, best=best)
 
 
 def _lr_factor(tc: TrainConfig, step: int) -> float:
@@ -326,6 +343,86 @@ def export(tc: TrainConfig, model, out: Path, rank: int) -> Path | None:
     return loader.save_transformer(out / "transformer", model)
 
 
+# The guard's default prompts: the synthetic world's held-out concept (what its demo LoRA teaches) and two prompts of
+# the base vocabulary held out of the tiny model's training, so that both learning and forgetting show.
+GUARD_PROMPTS = ("a purple star moving up on a gray background",
+                 "a purple star moving left on a checkered background",
+                 "an orange circle moving right on a black background",
+                 "a yellow triangle moving down on a striped background")
+
+
+def guard_prompts(tc: TrainConfig, world: int) -> tuple[str, ...]:
+    """The guard's prompts, () when it is off; ValueError for settings it cannot honour."""
+    from .synthetic import parse
+    if tc.keep_best and not tc.guard_every:
+        raise ValueError("keep_best keeps the best model by the guard's score: set guard_every too")
+    if not tc.guard_every:
+        return ()
+    if world > 1 and tc.method == "full":
+        raise ValueError("the guard generates on rank 0 alone and cannot gather a sharded (FSDP) model: run full "
+                         "fine-tuning with the guard in one process")
+    prompts = tc.guard_prompts or GUARD_PROMPTS
+    for p in prompts:
+        try:
+            parse(p)
+        except ValueError as e:
+            raise ValueError(f"the guard scores videos of the synthetic world (train/synthetic.py) and only reads "
+                             f"its captions, such as {GUARD_PROMPTS[0]!r}: {e}") from None
+    return tuple(prompts)
+
+
+def guard(tc: TrainConfig, model, pipe, prompts, out: Path, step: int) -> dict:
+    """Videos of the guard's prompts from the model as it is now (prompt i with seed guard_args' seed + i), scored
+    by the synthetic world's evaluator (train.adherence.guard_score); logged and appended to out/guard.jsonl."""
+    from .adherence import guard_score
+    args = dict(tc.guard_args)
+    seed = args.pop("seed", 0)
+    loras = ()
+    if tc.method == "lora":
+        loras = ((str(save_lora(out / "guard" / "lora.safetensors", model)), 1.0),)
+    try:
+        pairs = [(p, pipe.generate(p, loras=loras, seed=seed + i, **args).frames) for i, p in enumerate(prompts)]
+    finally:
+        _unfuse(pipe)
+    res = dict(step=step, **guard_score(pairs))
+    with open(out / "guard.jsonl", "a") as f:
+        f.write(json.dumps(res) + "\n")
+    log.info("guard at step %d: score %.3f (adherence %.3f, distortion %.3f, %d prompts)", step, res["score"],
+             res["adherence"], res["distortion"], res["n"])
+    return res
+
+
+def keep_best(tc: TrainConfig, model, out: Path, score: dict) -> dict:
+    """Export the model to out/best (as `export` writes it) with best.json: the step and its guard score. Written
+    beside and renamed into place, so that out/best is always one complete model."""
+    import shutil
+    tmp, best = out / ".best.tmp", out / "best"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export(tc, model, tmp, 0)
+    (tmp / "best.json").write_text(json.dumps(score, indent=1))
+    shutil.rmtree(best, ignore_errors=True)
+    tmp.rename(best)
+    log.info("guard: best so far at step %d (score %.3f), exported to %s", score["step"], score["score"], best)
+    return score
+
+
+def _guard_resume(out: Path, step: int | None) -> tuple[list[dict], dict | None]:
+    """The guard's log and best so far, as of a resumed run's checkpoint step; a fresh run (step None) starts
+    both anew. Entries after the checkpoint (a run killed between a guard and its next checkpoint) are dropped."""
+    path, best_json = out / "guard.jsonl", out / "best" / "best.json"
+    lines = path.read_text().splitlines() if step is not None and path.is_file() else []
+    guards = [g for g in map(json.loads, filter(None, lines)) if g["step"] <= step]
+    path.write_text("".join(json.dumps(g) + "\n" for g in guards))
+    best = json.loads(best_json.read_text()) if step is not None and best_json.is_file() else None
+    return guards, best if best is not None and best["step"] <= step else None
+
+
+def _unfuse(pipe) -> None:
+    """Back to no LoRA. The validation pipeline's base weights are the trained model's own storage, so a LoRA left
+    fused there would be trained on top of itself."""
+    pipe.runner.switch_loras([], ())
+
+
 def validation_pipeline(model, root: Path, dev):
     """The engine pipeline over a view of the model's base weights. The view shares their storage and the
     optimizer updates them in place, so one pipeline serves every validation of the run."""
@@ -342,8 +439,11 @@ def validate(tc: TrainConfig, model, pipe, folder: Path) -> list[Path]:
     if tc.method == "lora":
         loras = ((str(save_lora(folder / "lora.safetensors", model)), 1.0),)
     paths = []
-    for i, prompt in enumerate(tc.validation_prompts):
-        image = tc.validation_images[i] if i < len(tc.validation_images) else None
-        res = pipe.generate(prompt, image=image, loras=loras, **tc.validation_args)
-        paths.append(write_mp4(res.frames, folder / f"{i:02d}.mp4", res.fps))
+    try:
+        for i, prompt in enumerate(tc.validation_prompts):
+            image = tc.validation_images[i] if i < len(tc.validation_images) else None
+            res = pipe.generate(prompt, image=image, loras=loras, **tc.validation_args)
+            paths.append(write_mp4(res.frames, folder / f"{i:02d}.mp4", res.fps))
+    finally:
+        _unfuse(pipe)
     return paths
