@@ -117,11 +117,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--check-size", default="9x64x64", help="the input the CPU provider runs")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--check-only", action="store_true", help="check the graph already in --out (the same seed)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
     from cogrt.bench.components import building
-    from cogrt.engine.export import _request, export_transformer
     from cogrt.engine.model import PRESETS, CogVideoXTransformer
     cfg = PRESETS[a.preset]
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
@@ -133,17 +133,10 @@ def main(argv=None) -> dict:
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     out = Path(a.out)
-    t0 = time.perf_counter()
-    res = export_transformer(model, out, _request(a.size, cfg), dtype)
-    total_s = time.perf_counter() - t0
-    row = dict(preset=a.preset, size=a.size, dtype=a.dtype, weights="random", params_gib=params_gib,
-               export_s=res["export_s"], export_save_check_s=total_s, bytes=res["bytes"],
-               external_data=res["external_data"], dynamic=res["dynamic"],
-               peak_gpu_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
-               peak_host_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-               torch=torch.__version__, gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-               commit=os.environ.get("COGRT_COMMIT", "?"))
-    print(json.dumps(row, indent=1), flush=True)
+    row = dict(preset=a.preset, size=a.size, dtype=a.dtype, weights="random", commit=os.environ.get("COGRT_COMMIT", "?"))
+    if not a.check_only:
+        row.update(_export(model, out, a, cfg, dtype, dev, params_gib))
+        print(json.dumps(row, indent=1), flush=True)
     if not a.no_check:
         import onnxruntime as ort
         path = out / "transformer.onnx"
@@ -152,13 +145,26 @@ def main(argv=None) -> dict:
         else:
             if dtype != torch.float32:
                 t0 = time.perf_counter()
-                path = upcast_graph(path, out / "fp32" / "transformer.onnx")
+                fp32 = out / "fp32" / "transformer.onnx"
+                path = fp32 if a.check_only and fp32.exists() else upcast_graph(path, fp32)
                 row["upcast_s"] = time.perf_counter() - t0
             row["check"] = check(path, model, cfg, a.check_size, ["CPUExecutionProvider"])
         print(json.dumps(row["check"], indent=1), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(row, indent=1))
     return row
+
+
+def _export(model, out: Path, a, cfg, dtype, dev, params_gib: float) -> dict:
+    from cogrt.engine.export import _request, export_transformer
+    t0 = time.perf_counter()
+    res = export_transformer(model, out, _request(a.size, cfg), dtype)
+    total_s = time.perf_counter() - t0
+    return dict(params_gib=params_gib, export_s=res["export_s"], export_save_check_s=total_s, bytes=res["bytes"],
+                external_data=res["external_data"], dynamic=res["dynamic"],
+                peak_gpu_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+                peak_host_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                torch=torch.__version__, gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Where a denoising step's time goes: CUDA kernels by family, against the step's wall time, per mode.
 
 Random weights at the real shapes (no checkpoint can be downloaded here), our pipeline assembled in each mode
-as `bench.modes` does it, warmed up (compiled), then `--steps` steps of one request under torch.profiler.
-Per step it reports: the wall time of the denoise; each kernel family's GPU time (attention, GEMMs, activation
-quantization, our fused norm/prologue/residual kernels, other elementwise, copies); the GPU's busy time, and
-the idle rest (host work and syncs between kernels); and the transformer forward alone (CUDA events, median),
-so that step - forward is what the loop spends outside the model.
+as `bench.modes` does it, warmed up (compiled). It reports the wall time of a denoising step (median over three
+`--steps`-step requests), the transformer forward alone on the loop's inputs (CUDA events, median), so that
+step - forward is what the loop spends outside the model, and each kernel family's GPU time in one forward
+(torch.profiler over `--iters` forwards; device kernels and copies only, so that an op and the kernel it launches
+are not counted twice, and the VAE decode and the text encoder stay out).
 
     python -m cogrt.bench.profile --modes exact,fp8 --json profile.json
 """
@@ -43,19 +43,23 @@ def family(name: str) -> str:
     return FAMILIES[-1][0]
 
 
-def kernel_table(prof, steps: int) -> tuple[dict[str, float], dict[str, list]]:
-    """ms per step by family, and each family's top kernels (name, ms per step, calls per step)."""
+def kernel_table(prof, calls: int) -> tuple[dict[str, float], dict[str, list]]:
+    """ms per call by family, and each family's top kernels (name, ms per call, launches per call), over the
+    device's own events: kernels, copies and fills."""
+    from torch.autograd import DeviceType
     by, top = {}, {}
     for e in prof.key_averages():
+        if e.device_type != DeviceType.CUDA or e.key.startswith("Command Buffer"):
+            continue
         dev_us = getattr(e, "self_device_time_total", None)
         if dev_us is None:
             dev_us = e.self_cuda_time_total
-        if dev_us <= 0 or e.key.startswith("cuda") or e.key.startswith("ProfilerStep"):
+        if dev_us <= 0:
             continue
         fam = family(e.key)
-        ms = dev_us / 1e3 / steps
+        ms = dev_us / 1e3 / calls
         by[fam] = by.get(fam, 0.0) + ms
-        top.setdefault(fam, []).append((e.key[:90], round(ms, 2), e.count / steps))
+        top.setdefault(fam, []).append((e.key[:90], round(ms, 2), e.count / calls))
     for fam in top:
         top[fam] = sorted(top[fam], key=lambda r: -r[1])[:5]
     return by, top
@@ -80,11 +84,10 @@ def profile_mode(mode: str, a, dev, dtype) -> dict:
     timings = []
     for _ in range(2):
         timings.append(pipe.generate(PROMPT, num_inference_steps=a.steps, **kw).timings["denoise"] / a.steps)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        res = pipe.generate(PROMPT, num_inference_steps=a.steps, **kw)
-    by, top = kernel_table(prof, a.steps)
+    res = pipe.generate(PROMPT, num_inference_steps=a.steps, **kw)
+    timings.append(res.timings["denoise"] / a.steps)
 
-    # the transformer forward alone, on the loop's inputs (a CFG batch at this size), CUDA events
+    # the transformer forward alone, on the loop's inputs (a CFG batch at this size): CUDA events, then profiled
     cfg = pipe.cfg
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, cfg.latent_frames(a.frames)[0], cfg.in_channels, a.height // 8, a.width // 8, generator=g)
@@ -92,17 +95,25 @@ def profile_mode(mode: str, a, dev, dtype) -> dict:
     x, text = x.to(dev, dtype), text.to(dev, dtype)
     t = torch.tensor(999, dtype=torch.long, device=dev).expand(2)
     pos = ours.positions(x.shape[1], x.shape[3], x.shape[4], dev)
+
+    def forward():
+        pipe.runner.step_begin()
+        ours(x, text, t, positions=pos)
     fwd = []
     with torch.no_grad():
         for i in range(a.iters + 1):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            pipe.runner.step_begin()
             s.record()
-            ours(x, text, t, positions=pos)
+            forward()
             e.record()
             torch.cuda.synchronize(dev)
             if i:
                 fwd.append(s.elapsed_time(e))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(a.iters):
+                forward()
+            torch.cuda.synchronize(dev)
+    by, top = kernel_table(prof, a.iters)
     decode = [dict(cap_gib=None, decode_s=res.timings["decode"], tiled=bool(pipe.vae.use_tiling),
                    peak_gib=res.peak_memory_bytes / 2**30)]
     if a.memory_cap_gb:  # the same request within a memory fraction: auto tiling must keep it under the cap
@@ -117,10 +128,11 @@ def profile_mode(mode: str, a, dev, dtype) -> dict:
             decode.append(dict(cap_gib=a.memory_cap_gb, error=f"{type(e).__name__}: {str(e)[:200]}"))
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, dev)
-    step_ms = 1e3 * statistics.median(timings + [res.timings["denoise"] / a.steps])
+    step_ms = 1e3 * statistics.median(timings)
+    forward_ms = statistics.median(fwd)
     busy = sum(by.values())
-    return dict(mode=mode, step_ms=step_ms, forward_ms=statistics.median(fwd), outside_forward_ms=step_ms -
-                statistics.median(fwd), gpu_busy_ms=busy, gpu_idle_ms=step_ms - busy, families=by, top=top,
+    return dict(mode=mode, step_ms=step_ms, forward_ms=forward_ms, outside_forward_ms=step_ms - forward_ms,
+                forward_gpu_busy_ms=busy, forward_gpu_idle_ms=forward_ms - busy, families=by, top=top,
                 decode=decode, transforms=pipe.transforms.describe())
 
 
@@ -132,9 +144,10 @@ def markdown(rows: list[dict]) -> str:
     out.append("| transformer forward alone | " + " | ".join(f"{r['forward_ms']:.0f} ms" for r in rows) + " |")
     out.append("| step outside the forward | " + " | ".join(f"{r['outside_forward_ms']:.0f} ms" for r in rows) + " |")
     for f in fams:
-        out.append(f"| {f} | " + " | ".join(f"{r['families'].get(f, 0.0):.1f} ms" for r in rows) + " |")
-    out.append("| GPU busy (all kernels) | " + " | ".join(f"{r['gpu_busy_ms']:.0f} ms" for r in rows) + " |")
-    out.append("| GPU idle in the step | " + " | ".join(f"{r['gpu_idle_ms']:.0f} ms" for r in rows) + " |")
+        out.append(f"| forward: {f} | " + " | ".join(f"{r['families'].get(f, 0.0):.1f} ms" for r in rows) + " |")
+    out.append("| forward: GPU busy (all kernels) | " + " | ".join(f"{r['forward_gpu_busy_ms']:.0f} ms" for r in rows)
+               + " |")
+    out.append("| forward: GPU idle | " + " | ".join(f"{r['forward_gpu_idle_ms']:.0f} ms" for r in rows) + " |")
     for r in rows:
         for d in r["decode"]:
             cap = "no cap" if d["cap_gib"] is None else f"capped at {d['cap_gib']:g} GiB"
@@ -151,8 +164,8 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=49)
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=720)
-    ap.add_argument("--steps", type=int, default=3, help="steps profiled (and timed, twice more, unprofiled)")
-    ap.add_argument("--iters", type=int, default=5, help="timed transformer forwards")
+    ap.add_argument("--steps", type=int, default=3, help="steps of each of the three timed requests")
+    ap.add_argument("--iters", type=int, default=5, help="transformer forwards timed, and then profiled")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default="/tmp/cogrt-profile-cache")
     ap.add_argument("--memory-cap-gb", type=float, default=None,
@@ -162,7 +175,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench profile needs a CUDA GPU")
-    dev, dtype = torch.device("cuda"), torch.bfloat16
+    dev, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
     rows = []
     for mode in a.modes.split(","):
         t0 = time.time()
