@@ -181,7 +181,8 @@ def export_decoder(pipe, out: Path, req: GenerationRequest, dtype: torch.dtype) 
     z = torch.randn(1, vae.config.latent_channels, frames - extra, req.height // 8, req.width // 8,
                     generator=torch.Generator().manual_seed(0)).to(pipe.device, dtype)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    from .vae_cpu import native_convs
+    with torch.no_grad(), native_convs(vae):
         program = torch.onnx.export(DecoderGraph(vae), (z,), dynamo=True, opset_version=OPSET, input_names=["latents"],
                                     output_names=["video"], verbose=False)
     seconds = time.perf_counter() - t0

@@ -57,6 +57,9 @@ class Pipeline:
         self.mode, self.transforms, self.coefficients = mode, runner.transforms, coefficients
         self.levels = caches.read_levels(levels) if levels is not None else None
         self.vae_tiling = self.transforms.vae_tiling
+        if self.device.type == "cpu":  # the decoder's convolutions through oneDNN (engine/vae_cpu.py)
+            from .vae_cpu import use_onednn_convs
+            use_onednn_convs(self.vae)
         self.video_processor = VideoProcessor(vae_scale_factor=8)
         self._lock = threading.Lock()  # one request at a time: LoRA switching edits the shared weights
         self.load_timings: dict[str, float] = {}  # load_pipeline's stages, in seconds
@@ -113,10 +116,8 @@ class Pipeline:
                 req.cache = "fast"
             else:
                 req.teacache = self.transforms.teacache or modes.FAST_TEACACHE
-        if req.cache is not None and req.cache_threshold is None and (
-                self.levels is None or req.cache not in self.levels["thresholds"]):
-            raise ValueError(f"this model has no calibrated {req.cache!r} step-cache level; run `cogrt "
-                             f"calibrate-cache --model DIR --levels` (it writes {caches.LEVELS_FILE} beside the model)")
+        if req.cache is not None:
+            caches.threshold(req, self.levels)  # refused before the request runs, where the model has no such level
         if req.teacache is not None and req.teacache_coefficients is None and self.coefficients is not None:
             req.teacache_coefficients = teacache.read_coefficients(self.coefficients)
         req.check_for(self.cfg)
@@ -129,7 +130,7 @@ class Pipeline:
             on_step = self.parallel.agree(on_step)  # a stop that rank 0's callback raises stops every rank there
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        if cache is None:  # a fresh step cache for each request (None when TeaCache is off)
+        if cache is None:  # a fresh step cache for each request (None when it computes every step)
             cache = caches.new_state(req, req.num_inference_steps, self.levels)
         gen = torch.Generator("cpu").manual_seed(req.seed)
         cfg_on = req.guidance_scale > 1.0
