@@ -129,11 +129,16 @@ def new_state(req, num_steps: int, levels: dict | None = None) -> StepCache | No
     if req.cache is None and req.cache_threshold is None:
         return None
     order = levels["order"] if levels else 2
-    threshold = req.cache_threshold
-    if threshold is None:
-        if not levels or req.cache not in levels["thresholds"]:
-            raise ValueError(f"this model has no calibrated {req.cache!r} cache level; run `cogrt calibrate-cache "
-                             f"--model DIR --levels` (it writes {LEVELS_FILE} beside the model), or pass a "
-                             f"cache_threshold")
-        threshold = levels["thresholds"][req.cache]
-    return ProbeCache(threshold, num_steps, order=order)
+    return ProbeCache(threshold(req, levels), num_steps, order=order)
+
+
+def threshold(req, levels: dict | None) -> float:
+    """The probe cache's threshold for a request: its own, or its quality level's in the model's `levels`; a
+    ValueError naming the fix where the model has no such level."""
+    if req.cache_threshold is not None:
+        return float(req.cache_threshold)
+    if not levels or req.cache not in levels["thresholds"]:
+        raise ValueError(f"this model has no calibrated {req.cache!r} step-cache level; run `cogrt calibrate-cache "
+                         f"--model DIR --levels` (it writes {LEVELS_FILE} beside the model), or pass a "
+                         f"cache_threshold")
+    return float(levels["thresholds"][req.cache])
