@@ -55,6 +55,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--offload-activations", action="store_true")
+    ap.add_argument("--ff-chunks", type=int, default=1, help="the trainer's --ff-chunks")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script at a tiny preset")
     a = ap.parse_args(argv)
@@ -84,13 +85,14 @@ def main(argv=None) -> dict:
     tc = TrainConfig(model=str(work / "model"), data=str(work / "data"), out=str(work / "run"), method="lora",
                      rank=a.rank, alpha=float(a.rank), steps=a.steps, batch_size=1, lr=1e-4,
                      optimizer=a.optimizer, gradient_checkpointing=not a.no_checkpointing,
-                     offload_activations=a.offload_activations,
+                     offload_activations=a.offload_activations, ff_chunks=a.ff_chunks,
                      checkpoint_every=0, log_every=1, resume=False, device=a.device)
     res = train(tc, transformer=model)
     hist = res["history"]
     timed = [h["s_per_step"] for h in hist[2:]]  # the first two steps warm up (allocator, cuDNN plans)
     out = dict(preset=a.preset, shape=f"{a.frames}x{a.height}x{a.width}", rank=a.rank, optimizer=a.optimizer,
-               gradient_checkpointing=not a.no_checkpointing, offload_activations=a.offload_activations, steps=a.steps,
+               gradient_checkpointing=not a.no_checkpointing, offload_activations=a.offload_activations,
+               ff_chunks=a.ff_chunks, steps=a.steps,
                alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                base_weights_gib=weights_gib, s_per_step_median=statistics.median(timed),
                peak_allocated_gib=max(h["peak_gib"] for h in hist),

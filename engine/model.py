@@ -243,6 +243,10 @@ class Block(nn.Module):
         self.ff1 = nn.Linear(d, 4 * d)
         self.ff2 = nn.Linear(4 * d, d)
         self.attend = SDPA()
+        self.ff_chunks = 1  # training: the FFN over this many token chunks, each recomputed in backward
+
+    def ff(self, h):
+        return self.ff2(F.gelu(self.ff1(h), approximate="tanh"))
 
     def modulate(self, ln, mod, x, c):
         """LayerNorm both streams, scale/shift them, and join them as [text; video]."""
@@ -268,7 +272,12 @@ class Block(nn.Module):
         a = self.attention(h, rope, n)
         x, c = x + gate * a[:, n:], c + c_gate * a[:, :n]
         h, gate, c_gate = self.modulate(self.ln2, self.norm2(temb), x, c)
-        f = self.ff2(F.gelu(self.ff1(h), approximate="tanh"))
+        if self.ff_chunks > 1 and torch.is_grad_enabled():
+            # the FFN's two 4D-wide activations (its input to GELU and GELU's output, both kept for backward) are
+            # the block's largest; a chunk at a time, each checkpointed, holds one chunk's of them at once
+            f = torch.cat([checkpoint(self.ff, part, use_reentrant=False) for part in h.chunk(self.ff_chunks, 1)], 1)
+        else:
+            f = self.ff(h)
         return x + gate * f[:, n:], c + c_gate * f[:, :n]
 
 

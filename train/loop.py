@@ -50,6 +50,7 @@ class TrainConfig:
     mixed_precision: str = "bf16"  # bf16 | no; bf16 autocast applies on CUDA only
     gradient_checkpointing: bool = False
     offload_activations: bool = False  # with checkpointing: block inputs wait in pinned host memory (~4 GiB at 5B)
+    ff_chunks: int = 1  # the FFN over this many token chunks, each recomputed in backward (less peak memory)
     caption_dropout: float = 0.0  # replace the prompt by "" so classifier-free guidance has an unconditional model
     image_dropout: float = 0.05
     checkpoint_every: int = 500
@@ -193,6 +194,8 @@ def train(tc: TrainConfig, transformer: CogVideoXTransformer | None = None) -> d
     model.train()
     model.gradient_checkpointing = tc.gradient_checkpointing or tc.offload_activations
     model.offload_activations = tc.offload_activations
+    for block in model.blocks:
+        block.ff_chunks = tc.ff_chunks
     params = [p for p in model.parameters() if p.requires_grad]
 
     wrapped = model
