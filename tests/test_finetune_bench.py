@@ -116,7 +116,7 @@ def test_guard_logs_and_keeps_the_best(latents, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="cogrt.train.loop")
     out = tmp_path / "run"
     res = train(toy(latents, out, method="full", lr=2e-4, steps=4, guard_every=2, keep_best=True,
-                    checkpoint_every=1, keep_checkpoints=0))
+                    checkpoint_every=2, keep_checkpoints=0))  # a checkpoint at each guard, to compare best/ with
     logged = [json.loads(line) for line in (out / "guard.jsonl").read_text().splitlines()]
     assert [g["step"] for g in logged] == [2, 4] and logged == res["guard"]
     for g in logged:
