@@ -341,7 +341,8 @@ def free_memory(device: torch.device) -> int:
         allocated = torch.cuda.memory_allocated(device)
         reusable = torch.cuda.memory_reserved(device) - allocated
         index = device.index if device.index is not None else torch.cuda.current_device()
-        cap = torch.cuda.get_per_process_memory_fraction(index) * total - allocated
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda i: 1.0)(index)  # torch >= 2.6 has it
+        cap = fraction * total - allocated
         return int(min(free + reusable, cap))
     try:
         import os

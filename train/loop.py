@@ -8,6 +8,7 @@ scores adherence and shape distortion every N steps and can keep the best model 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -380,13 +381,8 @@ def guard(tc: TrainConfig, model, pipe, prompts, out: Path, step: int) -> dict:
     from .adherence import guard_score
     args = dict(tc.guard_args)
     seed = args.pop("seed", 0)
-    loras = ()
-    if tc.method == "lora":
-        loras = ((str(save_lora(out / "guard" / "lora.safetensors", model)), 1.0),)
-    try:
+    with _as_trained(tc, model, pipe, out / "guard") as loras:
         pairs = [(p, pipe.generate(p, loras=loras, seed=seed + i, **args).frames) for i, p in enumerate(prompts)]
-    finally:
-        _unfuse(pipe)
     res = dict(step=step, **guard_score(pairs))
     with open(out / "guard.jsonl", "a") as f:
         f.write(json.dumps(res) + "\n")
@@ -420,10 +416,16 @@ def _guard_resume(out: Path, step: int | None) -> tuple[list[dict], dict | None]
     return guards, best if best is not None and best["step"] <= step else None
 
 
-def _unfuse(pipe) -> None:
-    """Back to no LoRA. The validation pipeline's base weights are the trained model's own storage, so a LoRA left
-    fused there would be trained on top of itself."""
-    pipe.runner.switch_loras([], ())
+@contextlib.contextmanager
+def _as_trained(tc: TrainConfig, model, pipe, folder: Path):
+    """The `loras` argument that makes the validation pipeline generate as the model is now (the LoRA being
+    trained, saved into `folder`; none for full fine-tuning), and no LoRA fused afterwards: the pipeline's base
+    weights are the trained model's own storage, so a LoRA left fused there would be trained on top of itself."""
+    loras = ((str(save_lora(folder / "lora.safetensors", model)), 1.0),) if tc.method == "lora" else ()
+    try:
+        yield loras
+    finally:
+        pipe.runner.switch_loras([], ())
 
 
 def validation_pipeline(model, root: Path, dev):
@@ -438,15 +440,10 @@ def validation_pipeline(model, root: Path, dev):
 def validate(tc: TrainConfig, model, pipe, folder: Path) -> list[Path]:
     """Videos from the engine pipeline, with the LoRA fused per request exactly as serving does."""
     from cogrt.engine.video import write_mp4
-    loras = ()
-    if tc.method == "lora":
-        loras = ((str(save_lora(folder / "lora.safetensors", model)), 1.0),)
     paths = []
-    try:
+    with _as_trained(tc, model, pipe, folder) as loras:
         for i, prompt in enumerate(tc.validation_prompts):
             image = tc.validation_images[i] if i < len(tc.validation_images) else None
             res = pipe.generate(prompt, image=image, loras=loras, **tc.validation_args)
             paths.append(write_mp4(res.frames, folder / f"{i:02d}.mp4", res.fps))
-    finally:
-        _unfuse(pipe)
     return paths

@@ -14,8 +14,8 @@ every block (the output of the time MLP, before SiLU, plus the ofs embedding for
 the published polynomials only mean something for the indicator they were fitted on. `e` depends on the
 timestep alone, which also makes the decision the same for both halves of a CFG batch.
 
-The decision is plain Python between the embedding and the blocks (`forward` below), outside anything that
-is compiled: a compiled `Block` never sees it. Since `e` depends on the timestep alone, `precompute` works out
+The decision is plain Python between the embedding and the blocks (`TeaCache.blocks`), outside anything that
+is compiled: a compiled `Block` never sees it. Since `e` depends on the timestep alone, `prepare` works out
 the whole schedule before the loop, from the same embeddings the loop would make, with one host sync per
 request instead of one per step. Calibration (which also records the output's change) and the benchmark's
 fixed schedules decide step by step.
