@@ -37,9 +37,9 @@ class Dispatcher:
         self.store, self.storage = JobStore(self.cfg.db), Storage(self.cfg.outputs)
         self.gen = generator
         self.inflight: dict[str, asyncio.Task] = {}
-        self.replica_sets: dict[str, str] = {}  # generator replica -> the LoRA set it last ran (has fused)
-        self.busy: dict[str, str] = {}  # job -> the replica running it, as far as the dispatcher knows
-        self.freed: set[str] = set()  # the LoRA sets of replicas that have just finished a job
+        # the replicas believed free -> the LoRA set each has fused. A replica joins when its call returns and
+        # leaves when a job is sent where Serve will route it; replicas that never ran a job are not in it.
+        self.idle: dict[str, str] = {}
         self.inflight_sets: dict[str, str] = {}  # job -> its LoRA set, while it runs
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -89,24 +89,25 @@ class Dispatcher:
         free = self._running_replicas() - len(self.inflight)
         while free > 0:
             # a free replica's set first; else a set no other replica is running, so that each set stays on one
-            idle = {key for r, key in self.replica_sets.items() if r not in self.busy.values()} | self.freed
             running = set(self.inflight_sets.values())
-            job = await asyncio.to_thread(self.store.claim, self.cfg.lease_s, idle, self.cfg.lora_bypass_s, running)
-            self.freed.clear()
+            job = await asyncio.to_thread(self.store.claim, self.cfg.lease_s, set(self.idle.values()),
+                                          self.cfg.lora_bypass_s, running)
             if job is None:
                 return
+            # Serve sends it to a free replica with its set fused if there is one, else to another free one
+            sent = next((r for r, k in self.idle.items() if k == job["lora_key"]), next(iter(self.idle), None))
+            self.idle.pop(sent, None)
             key = job["lora_key"] or NO_LORA
             call = self.gen.options(multiplexed_model_id=key).run.remote(job["id"], job["attempt"])
             self.inflight_sets[job["id"]] = job["lora_key"]
-            self.inflight[job["id"]] = asyncio.get_running_loop().create_task(self._follow(job, key, call))
+            self.inflight[job["id"]] = asyncio.get_running_loop().create_task(self._follow(job, call))
             free -= 1
 
-    async def _follow(self, job: dict, key: str, call) -> None:
+    async def _follow(self, job: dict, call) -> None:
         """Wait for a job's call; a call that fails means its replica failed: retry the job, or fail it."""
         try:
             out = await call
-            self.replica_sets[out["replica"]] = key
-            self.freed.add(key)
+            self.idle[out["replica"]] = job["lora_key"]
         except Exception as e:
             state = await asyncio.to_thread(self.store.retry_or_fail, job["id"], job["attempt"], "replica_failed",
                                             f"the replica running the job stopped: {type(e).__name__}: "
@@ -119,7 +120,6 @@ class Dispatcher:
         finally:
             self.inflight.pop(job["id"], None)
             self.inflight_sets.pop(job["id"], None)
-            self.busy.pop(job["id"], None)
             self._wake.set()
 
     def _running_replicas(self) -> int:
@@ -157,4 +157,3 @@ class Dispatcher:
         for state in ("queued", "in_progress", "completed", "failed"):
             m["jobs"].set(counts.get(state, 0), tags={"state": state})
         m["backlog"].set(counts.get("queued", 0) + counts.get("in_progress", 0))
-        self.busy = {job: replica for job, replica in self.store.running().items() if job in self.inflight}

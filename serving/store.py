@@ -223,13 +223,6 @@ class JobStore:
                 error_message=f"{message} (after {attempt} attempt{'s' if attempt > 1 else ''})"))
             return "failed"
 
-    def running(self) -> dict[str, str]:
-        """Running jobs that a replica has reported on: job -> replica."""
-        with self.engine.connect() as c:
-            rows = c.execute(select(jobs.c.id, jobs.c.replica).where(and_(jobs.c.status == "in_progress",
-                                                                          jobs.c.replica.is_not(None)))).all()
-        return {r.id: r.replica for r in rows}
-
     def expired_leases(self, now: float | None = None) -> list[dict]:
         """Running jobs whose lease ran out: their replica stopped reporting."""
         now = time.time() if now is None else now
