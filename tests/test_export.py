@@ -1,5 +1,6 @@
-"""`cogrt export onnx` on the bundled tiny model: ONNX Runtime against the engine, a whole generation through the
-exported transformer, a LoRA fused in, the VAE decoder, and the refusals."""
+"""`cogrt export onnx` on a tiny random checkpoint (two blocks: the export's time grows with the blocks it traces)
+with a random LoRA: ONNX Runtime against the engine, a whole generation through the exported transformer, the
+LoRA fused in, the VAE decoder, and the refusals."""
 from __future__ import annotations
 
 import json
@@ -15,27 +16,36 @@ from cogrt.engine import cli  # noqa: E402
 from cogrt.engine.export import ExportError, OnnxTransformer, check_native  # noqa: E402
 from cogrt.engine.pipeline import load_pipeline  # noqa: E402
 
-LORA = cli.BUNDLED_MODEL.parent / "cogrt-tiny-concepts-lora"
 SIZE = dict(num_frames=9, height=64, width=64)
 PROMPT = "a purple star moving up on a white background"
 
 
-def _lora_file():
-    return next(LORA.glob("*.safetensors"))
+@pytest.fixture(scope="module")
+def model(checkpoint, tmp_path_factory):
+    """(tiny-5b checkpoint, a random rank-4 LoRA on every attention projection of its blocks)."""
+    from cogrt.engine.lora import save_lora_file
+    from cogrt.engine.model import ModelConfig
+    ckpt = checkpoint("5b")
+    cfg = ModelConfig.from_diffusers(json.loads((ckpt / "transformer" / "config.json").read_text()))
+    g, d, r = torch.Generator().manual_seed(0), cfg.dim, 4
+    pairs = {f"transformer_blocks.{i}.attn1.{m}": (torch.randn(r, d, generator=g) / d**0.5,
+                                                   torch.randn(d, r, generator=g) * 0.1)
+             for i in range(cfg.num_layers) for m in ("to_q", "to_k", "to_v", "to_out.0")}
+    return ckpt, save_lora_file(tmp_path_factory.mktemp("lora") / "lora.safetensors", pairs, r=r, alpha=r)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Both graphs of the bundled model with its concepts LoRA fused, exported once through the CLI."""
+def exported(model, tmp_path_factory):
+    """Both graphs, the LoRA fused, exported once through the CLI."""
     out = tmp_path_factory.mktemp("onnx")
-    assert cli.main(["export", "onnx", "--out", str(out), "--size", "9x64x64", "--lora", f"{_lora_file()}:1.0"]) == 0
+    assert cli.main(["export", "onnx", "--model", str(model[0]), "--out", str(out), "--size", "9x64x64",
+                     "--lora", f"{model[1]}:1.0"]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def engine():
-    pipe = load_pipeline(cli.BUNDLED_MODEL, device="cpu", dtype=torch.float32)
-    return pipe
+def engine(model):
+    return load_pipeline(model[0], device="cpu", dtype=torch.float32)
 
 
 def _rel(a, b):
@@ -60,10 +70,10 @@ def test_graphs_pass_the_checker_and_name_everything(exported):
 
 
 @pytest.mark.parametrize("batch,frames,h,w", [(2, 3, 8, 8), (1, 5, 12, 16)])
-def test_transformer_matches_the_engine_at_any_size(exported, engine, batch, frames, h, w):
+def test_transformer_matches_the_engine_at_any_size(exported, engine, model, batch, frames, h, w):
     """The traced size and another one: batch, latent frames, height and width are dynamic."""
     from cogrt.engine.lora import lora_key, read_lora
-    lora = ((str(_lora_file()), 1.0),)
+    lora = ((str(model[1]), 1.0),)
     engine.runner.switch_loras([(read_lora(p), wt) for p, wt in lora], lora_key(lora))
     ort = OnnxTransformer(exported / "transformer.onnx", engine.transformer)
     g = torch.Generator().manual_seed(batch * 10 + frames)
@@ -79,8 +89,8 @@ def test_transformer_matches_the_engine_at_any_size(exported, engine, batch, fra
         assert _rel(ort(x, text, t).numpy(), engine.transformer(x, text, t).numpy()) > 1e-3
 
 
-def test_fifty_steps_through_the_graph(exported, engine):
-    lora = ((str(_lora_file()), 1.0),)
+def test_fifty_steps_through_the_graph(exported, engine, model):
+    lora = ((str(model[1]), 1.0),)
     ref = engine.generate(PROMPT, num_inference_steps=50, seed=0, loras=lora, **SIZE)
     own = engine.transformer
     try:

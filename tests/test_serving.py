@@ -358,7 +358,10 @@ def test_a_killed_replica_mid_job_is_replaced_and_the_job_retried(svc):
 
 
 def test_restarting_the_app_loses_nothing(svc, ray_serve):
-    """Completed jobs stay downloadable, and jobs queued or running when the app went away run after it is back."""
+    """Completed jobs stay downloadable, and jobs queued or running when the app went away run after it is back
+    (on one replica: enough to show it, and quicker to start)."""
+    import dataclasses
+
     from ray import serve
 
     from cogrt.serving.app import build_app
@@ -366,7 +369,7 @@ def test_restarting_the_app_loses_nothing(svc, ray_serve):
     waiting = [svc.create(num_inference_steps=10, seed=i).json()["id"] for i in range(3)]
     time.sleep(0.5)
     serve.delete(APP)
-    serve.run(build_app(svc.cfg.to_args()), name=APP, route_prefix=f"/{APP}")
+    serve.run(build_app(dataclasses.replace(svc.cfg, replicas=1).to_args()), name=APP, route_prefix=f"/{APP}")
     with svc.client() as c:
         assert c.get(f"/v1/videos/{done['id']}/content").status_code == 200
     finished = [svc.wait(v, timeout=240) for v in waiting]
