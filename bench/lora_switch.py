@@ -28,12 +28,13 @@ TARGET_S = 1.0
 SWITCHES = ("none->A", "A->A", "A->B", "B->none")
 
 
-def random_lora(path: Path, cfg, rank: int, seed: int) -> Path:
+def random_lora(path: Path, cfg, rank: int, seed: int, scale: float = 0.01) -> Path:
+    """A rank-`rank` LoRA on every attention projection of cfg's blocks; `scale` sets B's size, so its effect."""
     from cogrt.engine.lora import save_lora_file
     g = torch.Generator().manual_seed(seed)
     d = cfg.dim
     pairs = {f"transformer_blocks.{i}.attn1.{m}": (torch.randn(rank, d, generator=g) / d**0.5,
-                                                   torch.randn(d, rank, generator=g) * 0.01)
+                                                   torch.randn(d, rank, generator=g) * scale)
              for i in range(cfg.num_layers) for m in ("to_q", "to_k", "to_v", "to_out.0")}
     return save_lora_file(path, pairs, r=rank, alpha=rank)
 

@@ -23,15 +23,10 @@ PROMPT = "a purple star moving up on a white background"
 @pytest.fixture(scope="module")
 def model(checkpoint, tmp_path_factory):
     """(tiny-5b checkpoint, a random rank-4 LoRA on every attention projection of its blocks)."""
-    from cogrt.engine.lora import save_lora_file
-    from cogrt.engine.model import ModelConfig
-    ckpt = checkpoint("5b")
-    cfg = ModelConfig.from_diffusers(json.loads((ckpt / "transformer" / "config.json").read_text()))
-    g, d, r = torch.Generator().manual_seed(0), cfg.dim, 4
-    pairs = {f"transformer_blocks.{i}.attn1.{m}": (torch.randn(r, d, generator=g) / d**0.5,
-                                                   torch.randn(d, r, generator=g) * 0.1)
-             for i in range(cfg.num_layers) for m in ("to_q", "to_k", "to_v", "to_out.0")}
-    return ckpt, save_lora_file(tmp_path_factory.mktemp("lora") / "lora.safetensors", pairs, r=r, alpha=r)
+    from cogrt.bench.lora_switch import random_lora
+    from cogrt.engine.random_model import tiny_config
+    lora = random_lora(tmp_path_factory.mktemp("lora") / "lora.safetensors", tiny_config("5b"), 4, 0, scale=0.1)
+    return checkpoint("5b"), lora
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 pytest.importorskip("ray")
-from serving_cases import KEY_A, generator_actors, replica_count, run_app  # noqa: E402
+from serving_cases import generator_actors, replica_count, run_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "serving" / "deploy"
