@@ -6,7 +6,10 @@ costs: the denoise loops of `--steps` and 3 x `--steps` steps, median of 2-3 eac
 fixed set-up per request is reported apart), the transformer forward alone on the loop's inputs (CUDA events, median), so that
 step - forward is what the loop spends outside the model, and each kernel family's GPU time in one forward
 (torch.profiler over `--iters` forwards; device kernels and copies only, so that an op and the kernel it launches
-are not counted twice, and the VAE decode and the text encoder stay out).
+are not counted twice, and the VAE decode and the text encoder stay out). One more long loop then times each
+forward inside the loop, and the gap between one forward's end and the next one's start, on the GPU's own timeline,
+and the GPU's SM clock and power are read as each timed loop ends: a forward that is slower inside the loop than
+alone (clocks, power) shows apart from work done between the forwards.
 
     python -m cogrt.bench.profile --modes exact,fp8 --json profile.json
 """
@@ -18,6 +21,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import time
 
 import torch
@@ -71,6 +75,7 @@ def profile_mode(mode: str, a, dev, dtype) -> dict:
 
     from cogrt.bench.components import engine_transformer, random_components
     from cogrt.engine.pipeline import assemble
+    from cogrt.engine.request import GenerationRequest
     from cogrt.engine.runner import use_compile_cache
     use_compile_cache(os.path.join(a.cache_dir, mode))
     c = random_components(a.preset, dev, dtype, a.seed)
@@ -82,16 +87,65 @@ def profile_mode(mode: str, a, dev, dtype) -> dict:
     kw = dict(num_frames=a.frames, height=a.height, width=a.width, guidance_scale=6.0, seed=a.seed)
     pipe.warm_up(a.frames, a.height, a.width)
     pipe.generate(PROMPT, num_inference_steps=2, **kw)  # the loop's own first-call costs
+    clocks, power = {}, {}  # per loop kind: the GPU's SM clock (MHz) and power (W) as each timed loop ends
+
+    def sample(kind):
+        try:  # NVML's averages over its last sample period (1/6 to 1 s), through pynvml
+            c, w = torch.cuda.clock_rate(dev), torch.cuda.power_draw(dev) / 1e3
+        except Exception:  # noqa: BLE001 (no pynvml: the same NVML readings through nvidia-smi)
+            c = w = None
+            try:
+                q = subprocess.run(["nvidia-smi", "-i", str(dev.index or 0), "--query-gpu=clocks.sm,power.draw",
+                                    "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+                c, w = (float(x) for x in q.stdout.split(","))
+            except (OSError, ValueError, subprocess.SubprocessError):
+                pass  # the run goes on without them
+        clocks.setdefault(kind, []).append(c)
+        power.setdefault(kind, []).append(w)
+
+    def request(steps, kind):
+        # pipe.generate(PROMPT, num_inference_steps=steps, **kw) is this run(), which also takes on_step: its
+        # "decode" call comes as the loop ends (synchronized) and before the decode, whose seconds a sample
+        # taken after generate() returns would describe instead
+        def on_step(stage, done, total):
+            if stage == "decode":
+                sample(kind)
+        return pipe.run(GenerationRequest(prompt=PROMPT, num_inference_steps=steps, **kw), on_step=on_step)
     # the denoise loop at two lengths: the difference is what one more step costs, free of the request's fixed
     # set-up (scheduler, noise, position tables), which a short loop would otherwise spread over its few steps
     short, long_ = [], []
     for _ in range(2):
-        short.append(pipe.generate(PROMPT, num_inference_steps=a.steps, **kw).timings["denoise"])
-        long_.append(pipe.generate(PROMPT, num_inference_steps=3 * a.steps, **kw).timings["denoise"])
-    res = pipe.generate(PROMPT, num_inference_steps=a.steps, **kw)
+        short.append(request(a.steps, "short").timings["denoise"])
+        long_.append(request(3 * a.steps, "long").timings["denoise"])
+    res = request(a.steps, "short")
     short.append(res.timings["denoise"])
     marginal = (statistics.median(long_) - statistics.median(short)) / (2 * a.steps)
     setup = statistics.median(short) - a.steps * marginal
+
+    # one more long loop with CUDA events on the stream right before and after each transformer call: each
+    # forward as the loop runs it, and the GPU-timeline gap from one forward's end to the next one's start (the
+    # scheduler step, the CFG combine and any idle), so that a forward slower in the loop than alone shows apart
+    # from work between forwards. Not among the loops above: the hooks are its only difference.
+    # Hooks, as pipe.transformer is a plain nn.Module compiled block by block (engine/runner.py): they run eagerly
+    # around each whole call, never traced into a graph.
+    starts, ends = [], []
+
+    def mark(events):
+        def hook(*_):
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            events.append(e)
+        return hook
+    hooks = [pipe.transformer.register_forward_pre_hook(mark(starts)),
+             pipe.transformer.register_forward_hook(mark(ends))]
+    try:
+        request(3 * a.steps, "in_loop")
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.cuda.synchronize(dev)
+    in_fwd = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    gaps = [e.elapsed_time(s) for e, s in zip(ends, starts[1:])]
 
     # the transformer forward alone, on the loop's inputs (a CFG batch at this size): CUDA events, then profiled
     cfg = pipe.cfg
@@ -112,6 +166,7 @@ def profile_mode(mode: str, a, dev, dtype) -> dict:
             s.record()
             forward()
             e.record()
+            sample("forward_alone")  # while this forward runs (the host is ahead of it); the untimed first too
             torch.cuda.synchronize(dev)
             if i:
                 fwd.append(s.elapsed_time(e))
@@ -139,6 +194,9 @@ def profile_mode(mode: str, a, dev, dtype) -> dict:
     busy = sum(by.values())
     return dict(mode=mode, step_ms=step_ms, request_setup_ms=1e3 * setup, forward_ms=forward_ms,
                 outside_forward_ms=step_ms - forward_ms,
+                in_loop_forward_ms=statistics.median(in_fwd), in_loop_gap_ms=statistics.median(gaps),
+                in_loop_first_last_forward_ms=[in_fwd[0], in_fwd[-1]], in_loop_forwards_ms=in_fwd,
+                in_loop_gaps_ms=gaps, clocks_mhz=clocks, power_w=power,
                 forward_gpu_busy_ms=busy, forward_gpu_idle_ms=forward_ms - busy, families=by, top=top,
                 decode=decode, transforms=pipe.transforms.describe())
 
@@ -153,12 +211,21 @@ def markdown(rows: list[dict]) -> str:
                                                                        for r in rows) + " |")
     out.append("| transformer forward alone | " + " | ".join(f"{r['forward_ms']:.0f} ms" for r in rows) + " |")
     out.append("| step outside the forward | " + " | ".join(f"{r['outside_forward_ms']:.0f} ms" for r in rows) + " |")
+    out.append("| forward inside the loop (median) | " + " | ".join(f"{r['in_loop_forward_ms']:.0f} ms" for r in rows)
+               + " |")
+    out.append("| forward inside the loop, first / last | " + " | ".join(
+        "{:.0f} / {:.0f} ms".format(*r["in_loop_first_last_forward_ms"]) for r in rows) + " |")
+    out.append("| gap between forwards inside the loop (median) | " + " | ".join(f"{r['in_loop_gap_ms']:.1f} ms"
+                                                                            for r in rows) + " |")
     for f in fams:
         out.append(f"| forward: {f} | " + " | ".join(f"{r['families'].get(f, 0.0):.1f} ms" for r in rows) + " |")
     out.append("| forward: GPU busy (all kernels) | " + " | ".join(f"{r['forward_gpu_busy_ms']:.0f} ms" for r in rows)
                + " |")
     out.append("| forward: GPU idle | " + " | ".join(f"{r['forward_gpu_idle_ms']:.0f} ms" for r in rows) + " |")
     for r in rows:
+        for name, unit, by in (("SM clock", "MHz", r["clocks_mhz"]), ("power", "W", r["power_w"])):
+            out.append(f"\n{r['mode']}, {name} as each timed loop ended ({unit}): " + "; ".join(
+                f"{kind} " + ", ".join("?" if v is None else f"{v:.0f}" for v in vs) for kind, vs in by.items()))
         for d in r["decode"]:
             cap = "no cap" if d["cap_gib"] is None else f"capped at {d['cap_gib']:g} GiB"
             out.append(f"\n{r['mode']}, {cap}: " + (d["error"] if "error" in d else
