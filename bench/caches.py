@@ -50,11 +50,14 @@ class Ours:
 
 def our_caches(model: Path) -> dict[str, Ours]:
     from cogrt.engine.caches.probe import ProbeCache
+    from cogrt.engine.caches.x0 import X0Cache
     from cogrt.engine.caches.teacache import TeaCache, read_coefficients
     coef = read_coefficients(Path(model) / "teacache_coefficients.json")
     return {c.name: c for c in (
         Ours("cogrt-teacache", "threshold (the model's own fit)", 1e-3, 5.0, lambda k, n: TeaCache(k, coef, n)),
         Ours("cogrt-probe", "threshold (forecast order 2)", 1e-3, 2.0, lambda k, n: ProbeCache(k, n, order=2)),
+        Ours("cogrt-x0", "threshold (the probe's rule; skipped outputs from x0 forecast in log-SNR)", 1e-3, 2.0,
+             lambda k, n: X0Cache(k, n)),
         Ours("cogrt-probe-o1", "threshold (forecast order 1)", 1e-3, 2.0, lambda k, n: ProbeCache(k, n, order=1)),
         Ours("cogrt-probe-o0", "threshold (no forecast: FirstBlockCache's rule)", 1e-3, 2.0,
              lambda k, n: ProbeCache(k, n, order=0)),
@@ -230,12 +233,16 @@ def run(model=MODEL, n: int = 32, calib: int = 2, targets=TARGETS, names=None, d
     if levels:
         from cogrt.engine.caches import LEVELS_FILE, read_levels
         from cogrt.engine.caches.probe import ProbeCache
+        from cogrt.engine.caches.x0 import X0Cache
         lv = read_levels(Path(model) / LEVELS_FILE)
         for name in levels:
             th = lv["thresholds"][name]
-            make = lambda n_steps, th=th: ProbeCache(th, n_steps, order=lv["order"])  # noqa: E731
+            if lv["kind"] == "x0":
+                make = lambda n_steps, th=th: X0Cache(th, n_steps)  # noqa: E731
+            else:
+                make = lambda n_steps, th=th: ProbeCache(th, n_steps, order=lv["order"])  # noqa: E731
             vids = [our.video(make, p, i) for i, p in enumerate(prompts)]
-            rows.append(summarize(f"cogrt-probe, level {name}", None, th, vids, ref_ours, scenes, score))
+            rows.append(summarize(f"cogrt-{lv['kind']}, level {name}", None, th, vids, ref_ours, scenes, score))
             r = rows[-1]
             log(f"level {name}: {r['steps_frac']:.0%} of steps: {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}", flush=True)
     return dict(rows=rows, skipped=skipped, reference_parity_db=parity, n=n, calib=calib, targets=list(targets),

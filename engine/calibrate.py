@@ -42,17 +42,22 @@ def calibrate(pipe, prompts=DEFAULT_PROMPTS, steps: int = 50, degree: int = 4, s
 
 
 def calibrate_levels(pipe, prompts=DEFAULT_PROMPTS, steps: int = 50, targets: dict | None = None, order: int = 2,
-                     seed: int = 0, lo: float = 1e-3, hi: float = 2.0, iters: int = 10, log=None,
+                     kind: str = "probe", seed: int = 0, lo: float = 1e-3, hi: float = 2.0, iters: int = 10, log=None,
                      **request_kw) -> dict:
-    """For each quality level (engine.caches.LEVELS: name -> mean PSNR target in dB), the largest probe-cache
-    threshold whose frames keep that mean PSNR against the uncached run on `prompts`, found by bisection in log
+    """For each quality level (engine.caches.LEVELS: name -> mean PSNR target in dB), the largest threshold of
+    the `kind` cache ("probe", with its forecast `order`, or "x0") whose frames keep that mean PSNR against the
+    uncached run on `prompts`, found by bisection in log
     space over [lo, hi]. Every threshold is tried on all prompts; results are shared between the levels.
     Returns the levels file's content (engine.caches.read_levels reads it back)."""
     import math
 
-    from .caches import LEVELS
+    from .caches import LEVEL_KINDS, LEVELS
     from .caches.probe import ProbeCache
+    from .caches.x0 import X0Cache
     from .video import psnr
+    if kind not in LEVEL_KINDS:
+        raise ValueError(f"cannot calibrate levels for a {kind!r} cache; valid: {', '.join(LEVEL_KINDS)}")
+    make = (lambda th: X0Cache(th, steps)) if kind == "x0" else (lambda th: ProbeCache(th, steps, order=order))
     targets = dict(targets or LEVELS)
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
@@ -65,7 +70,7 @@ def calibrate_levels(pipe, prompts=DEFAULT_PROMPTS, steps: int = 50, targets: di
         if th not in tried:
             db, frac = [], []
             for ref, req in zip(refs, reqs()):
-                res = pipe.run(req, cache=ProbeCache(th, steps, order=order))
+                res = pipe.run(req, cache=make(th))
                 db.append(min(psnr(ref, res.frames), 100.0))  # an identical video counts as 100 dB, not inf
                 frac.append(len(res.steps_computed) / steps)
             tried[th] = (float(np.mean(db)), float(np.mean(frac)))
@@ -84,5 +89,5 @@ def calibrate_levels(pipe, prompts=DEFAULT_PROMPTS, steps: int = 50, targets: di
                 b = math.log(mid)
         db, frac = at(good)
         levels[name] = {"threshold": good, "target_db": target, "psnr_db": db, "steps_frac": frac}
-    return {"kind": "probe", "order": order, "steps": steps, "prompts": len(prompts), "seed": seed,
+    return {"kind": kind, "order": order, "steps": steps, "prompts": len(prompts), "seed": seed,
             "levels": levels}

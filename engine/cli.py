@@ -106,6 +106,8 @@ def add_commands(sub) -> None:
     k.add_argument("--levels-out", default="step_cache.json",
                    help="put it in the model's folder for `fast` and --cache to use it")
     k.add_argument("--iters", type=int, default=10, help="bisection steps per level (--levels)")
+    k.add_argument("--kind", choices=("probe", "x0"), default="probe",
+                   help="the cache whose levels --levels calibrates (x0: a skipped step's output forecast in log-SNR)")
 
     x = sub.add_parser("export", help="export the transformer and the VAE decoder as ONNX graphs")
     x.set_defaults(func=cmd_export)
@@ -262,7 +264,8 @@ def cmd_calibrate_cache(a) -> int:
               guidance_scale=a.guidance)
     if a.levels:
         from .calibrate import calibrate_levels
-        out = calibrate_levels(pipe, prompts, steps=a.steps, seed=a.seed, iters=a.iters, log=print, **kw)
+        out = calibrate_levels(pipe, prompts, steps=a.steps, kind=a.kind, seed=a.seed, iters=a.iters, log=print,
+                               **kw)
         out = {"model": str(_model(a)), "loras": [list(x) for x in a.lora], **out}
         path = atomic_write(a.levels_out, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
         print(f"wrote {path}: " + ", ".join(f"{k} threshold {v['threshold']:.4g} ({v['psnr_db']:.1f} dB, "

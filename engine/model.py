@@ -371,9 +371,7 @@ class CogVideoXTransformer(nn.Module):
         v, c = self.run_blocks(v, c, temb, rope) if cache is None else cache.blocks(self, emb, v, c, temb, rope)
         # 4. Final norm and adaLN, 5. Unpatchify
         out = self.head(v, temb, x.shape)
-        if cache is not None:
-            cache.observe(out)
-        return out
+        return out if cache is None else cache.output(x, timestep, out)
 
     def embed(self, x: torch.Tensor, text: torch.Tensor, positions=None):
         """Latents (B, F, C, H, W) and text (B, T, text_dim) -> video tokens (B, S, D), text tokens (B, T, D),

@@ -268,7 +268,7 @@ class Pipeline:
         text = text[half]
         if cache is not None:  # e.g. TeaCache's whole schedule now, not a host sync in every step
             cache.parallel = self.parallel
-            cache.prepare(self.transformer, timesteps, text.shape[0], ofs, latents.dtype)
+            cache.prepare(self.transformer, timesteps, text.shape[0], ofs, latents.dtype, scheduler=sched)
         with torch.no_grad():
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", unit="step")):
                 x = torch.cat([latents, latents]) if cfg_on else latents

@@ -7,8 +7,9 @@ back what they added at an earlier step. The pipeline's loop knows nothing of wh
 whole schedule there, with one host sync per request.
 
 The caches: `teacache` (TeaCache's time-embedding indicator), `probe` (the first block's change decides, the
-skipped residual forecast from the last computed ones). A new one is one new file with a `StepCache` subclass,
-named in `KINDS`.
+skipped residual forecast from the last computed ones), `x0` (the probe's rule decides, a skipped step's output is
+the sampler's clean-sample estimate extrapolated in log-SNR). A new one is one new file with a `StepCache` subclass,
+made in `new_state`.
 """
 from __future__ import annotations
 
@@ -33,13 +34,19 @@ class StepCache(abc.ABC):
         """The step the next `blocks` call is for: steps come in order, each once."""
         return len(self.computed) + len(self.skipped)
 
-    def prepare(self, model, timesteps: torch.Tensor, batch: int, ofs, dtype) -> None:
-        """Before the loop; `timesteps` are the scheduler's."""
+    def prepare(self, model, timesteps: torch.Tensor, batch: int, ofs, dtype, scheduler=None) -> None:
+        """Before the loop; `timesteps` are the request's scheduler's (`scheduler`, set for them)."""
 
     @abc.abstractmethod
     def blocks(self, model, emb: torch.Tensor, v: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, rope):
         """The block stack's output for video tokens v (B, S, D) and text tokens c (B, T, D) at this step; emb is
         the time embedding before SiLU (B, time_embed_dim), temb after it."""
+
+    def output(self, x: torch.Tensor, timestep: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The model's output at this step, for its input latents x: `out` as the head gave it, or what the cache
+        puts in its place (the x0 cache, on a skipped step)."""
+        self.observe(out)
+        return out
 
     def observe(self, out: torch.Tensor) -> None:
         """The model's output at this step (calibration records it)."""
@@ -100,21 +107,26 @@ class Residuals:
 # a threshold for on the model's own trajectories. `fast` aims above 30 dB so that held-out prompts stay there.
 LEVELS = {"safe": 40.0, "balanced": 35.0, "fast": 32.0}
 LEVELS_FILE = "step_cache.json"  # in the model's folder, beside teacache_coefficients.json
+LEVEL_KINDS = ("probe", "x0")  # the caches a levels file can calibrate: both decide by the probe's threshold
 
 
 def read_levels(path) -> dict:
-    """A `cogrt calibrate-cache` levels file: {"kind": "probe", "order": k, "levels": {name: {"threshold": ...}}}."""
+    """A `cogrt calibrate-cache` levels file: {"kind": "probe" or "x0", "order": k (probe), "levels": {name:
+    {"threshold": ...}}}."""
     path = Path(path)
     try:
         out = json.loads(path.read_text())
         thresholds = {k: float(v["threshold"]) for k, v in out["levels"].items()}
         order = int(out.get("order", 2))
+        kind = out.get("kind", "probe")
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a calibrate-cache levels file: {e}") from e
+    if kind not in LEVEL_KINDS:
+        raise ValueError(f"{path} is for a {kind!r} cache; valid: {', '.join(LEVEL_KINDS)}")
     unknown = set(thresholds) - set(LEVELS)
     if unknown:
         raise ValueError(f"{path} names unknown levels {sorted(unknown)}; valid: {', '.join(LEVELS)}")
-    return {"order": order, "thresholds": thresholds}
+    return {"kind": kind, "order": order, "thresholds": thresholds}
 
 
 def new_state(req, num_steps: int, levels: dict | None = None) -> StepCache | None:
@@ -122,12 +134,15 @@ def new_state(req, num_steps: int, levels: dict | None = None) -> StepCache | No
     `levels`: the model's read_levels(), which a request's quality level needs."""
     from .probe import ProbeCache
     from .teacache import TeaCache
+    from .x0 import X0Cache
     if req.teacache_fixed_steps is not None:
         return TeaCache(0.0, (), num_steps, fixed=frozenset(req.teacache_fixed_steps))
     if req.teacache is not None:
         return TeaCache(float(req.teacache), tuple(req.teacache_coefficients), num_steps)
     if req.cache is None and req.cache_threshold is None:
         return None
+    if levels and levels["kind"] == "x0":
+        return X0Cache(threshold(req, levels), num_steps)
     order = levels["order"] if levels else 2
     return ProbeCache(threshold(req, levels), num_steps, order=order)
 

@@ -155,7 +155,7 @@ class TeaCache(StepCache):
             self.accumulated = 0.0
         return compute
 
-    def prepare(self, model, timesteps, batch, ofs, dtype) -> None:
+    def prepare(self, model, timesteps, batch, ofs, dtype, scheduler=None) -> None:
         """plan() from the time embeddings of every step, made as the loop makes them (the same batch, so the same
         numbers); one host sync. Calibration and fixed schedules are left to decide step by step."""
         if self.fixed is not None or self.trace is not None or self.num_steps < 3:

@@ -1,0 +1,106 @@
+"""The x0 cache: the probe's decision, and a skipped step's output forecast in x0 along log-SNR."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cogrt.engine import caches
+from cogrt.engine.caches.x0 import X0Cache
+from cogrt.engine.request import GenerationRequest
+
+KW = dict(num_frames=9, height=64, width=64, num_inference_steps=8, seed=0)
+PROMPT = "a lighthouse in a storm"
+
+
+def test_threshold_zero_is_bit_identical_to_no_cache(pipeline):
+    pipe = pipeline("5b")
+    off = pipe.generate(PROMPT, **KW)
+    on = pipe.run(GenerationRequest(PROMPT, **KW), cache=X0Cache(0.0, 8))
+    assert on.steps_computed == list(range(8)) and on.steps_skipped == []
+    assert np.array_equal(on.frames, off.frames) and torch.equal(on.latents, off.latents)
+
+
+def test_skips_run_only_the_first_block(pipeline):
+    pipe = pipeline("5b")
+    first, last = [], []
+    hooks = [pipe.transformer.blocks[0].register_forward_hook(lambda *_: first.append(1)),
+             pipe.transformer.blocks[-1].register_forward_hook(lambda *_: last.append(1))]
+    try:
+        res = pipe.run(GenerationRequest(PROMPT, **KW), cache=X0Cache(1e9, 8))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert res.steps_computed == [0, 7] and res.steps_skipped == list(range(1, 7))
+    assert len(first) == 8 and len(last) == 2
+    assert np.isfinite(res.frames).all()
+
+
+def _ddim(steps=10):
+    from diffusers import CogVideoXDDIMScheduler
+    s = CogVideoXDDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                               beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True)
+    s.set_timesteps(steps)
+    return s
+
+
+def _lam(sched, t):
+    a = float(sched.alphas_cumprod[t]) if t >= 0 else 1.0
+    return 0.5 * math.log(a / (1 - a)) if a < 1 else math.inf
+
+
+@pytest.mark.parametrize("damp", [1.0, 0.0])
+def test_a_skipped_step_follows_x0_linear_in_log_snr(damp):
+    """Where the clean-sample estimate moves linearly in λ, the full forecast (damp 1) puts the skipped step's
+    output exactly on it, at the middle of that step; damp 0 holds the last computed one (a DDIM jump)."""
+    sched = _ddim()
+    ts = [int(t) for t in sched.timesteps]
+    cache = X0Cache(0.5, len(ts), damp=damp)
+    cache.prepare(None, sched.timesteps, 1, None, torch.float32, scheduler=sched)
+    torch.manual_seed(0)
+    base, slope = torch.randn(1, 2, 4, 3, 3), torch.randn(1, 2, 4, 3, 3)
+    x0_at = lambda lam: base + lam * slope  # noqa: E731
+
+    def v_for(t, x, x0):  # the v whose x0 estimate at (t, x) is x0
+        a = float(sched.alphas_cumprod[t])
+        return (math.sqrt(a) * x - x0) / math.sqrt(1 - a)
+
+    cache._count(True)  # the zero-SNR first step: its x0 is not used for the slope
+    for t in ts[1:3]:  # two computed steps
+        x = torch.randn(1, 2, 4, 3, 3)
+        cache._count(True)  # what blocks() does before the head runs
+        cache.skipping = False
+        v = v_for(t, x, x0_at(_lam(sched, t)))
+        assert cache.output(x, torch.tensor([t]), v) is v  # a computed step's output passes through
+    t, nxt = ts[3], ts[4]
+    x = torch.randn(1, 2, 4, 3, 3)
+    cache._count(False)
+    cache.skipping = True
+    v = cache.output(x, torch.tensor([t]), torch.zeros_like(x))
+    a = float(sched.alphas_cumprod[t])
+    got = math.sqrt(a) * x - math.sqrt(1 - a) * v
+    want = x0_at((_lam(sched, t) + _lam(sched, nxt)) / 2) if damp else x0_at(_lam(sched, ts[2]))
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_it_needs_a_v_prediction_scheduler():
+    sched = _ddim()
+    with pytest.raises(ValueError, match="v-prediction"):
+        X0Cache(0.1, 10).prepare(None, sched.timesteps, 1, None, torch.float32)
+    sched.register_to_config(prediction_type="epsilon")
+    with pytest.raises(ValueError, match="v-prediction"):
+        X0Cache(0.1, 10).prepare(None, sched.timesteps, 1, None, torch.float32, scheduler=sched)
+
+
+def test_levels_file_chooses_the_kind(tmp_path):
+    path = tmp_path / caches.LEVELS_FILE
+    path.write_text(json.dumps({"kind": "x0", "levels": {"fast": {"threshold": 0.2}}}))
+    levels = caches.read_levels(path)
+    state = caches.new_state(GenerationRequest(PROMPT, cache="fast"), 50, levels)
+    assert isinstance(state, X0Cache) and state.threshold == 0.2
+    path.write_text(json.dumps({"kind": "teacache", "levels": {"fast": {"threshold": 0.2}}}))
+    with pytest.raises(ValueError, match="probe, x0"):
+        caches.read_levels(path)
