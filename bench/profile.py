@@ -181,12 +181,23 @@ def profile_mode(mode: str, a, dev, dtype) -> dict:
         torch.cuda.empty_cache()
         total = torch.cuda.mem_get_info(dev)[1]
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.memory_cap_gb * 2**30 / total), dev)
+        resident = torch.cuda.memory_allocated(dev) / 2**30  # the weights (and whatever else stays) before it
+        reached = ["text encoding"]  # the stage the request was in when it stopped, from its on_step calls
+
+        def on_step(stage, done, total):  # each call ends a stage: record the one that starts
+            if stage == "text":
+                reached.append("denoising step 1")
+            elif stage == "denoise" and done < total:
+                reached.append(f"denoising step {done + 1}")
+            else:
+                reached.append("VAE decode")
         try:
-            r = pipe.generate(PROMPT, num_inference_steps=2, **kw)
+            r = pipe.run(GenerationRequest(prompt=PROMPT, num_inference_steps=2, **kw), on_step=on_step)
             decode.append(dict(cap_gib=a.memory_cap_gb, decode_s=r.timings["decode"], tiled=bool(pipe.vae.use_tiling),
-                               peak_gib=r.peak_memory_bytes / 2**30))
+                               peak_gib=r.peak_memory_bytes / 2**30, resident_gib=resident))
         except Exception as e:  # noqa: BLE001 (reported as the row's result)
-            decode.append(dict(cap_gib=a.memory_cap_gb, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            decode.append(dict(cap_gib=a.memory_cap_gb, error=f"{type(e).__name__} in {reached[-1]}: {str(e)[:200]}",
+                               failed_in=reached[-1], resident_gib=resident))
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, dev)
     step_ms = 1e3 * marginal
