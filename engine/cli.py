@@ -81,10 +81,10 @@ def add_commands(sub) -> None:
                    help="step skipping at a quality level the model was calibrated for (`cogrt calibrate-cache "
                         "--levels`): safe ~40 dB, balanced ~35 dB, fast ~32 dB against the uncached video")
     g.add_argument("--cache-threshold", type=float, default=None, metavar="T",
-                   help="the probe cache at a raw threshold instead of a level")
+                   help="the calibrated cache kind (step_cache.json's; else the probe cache) at a raw threshold")
 
-    k = sub.add_parser("calibrate-cache", help="fit TeaCache's coefficients (and with --levels, the probe cache's "
-                                               "quality levels) on a model's own trajectories")
+    k = sub.add_parser("calibrate-cache", help="fit TeaCache's coefficients (and with --levels, the probe or x0 "
+                                               "cache's quality levels) on a model's own trajectories")
     k.set_defaults(func=cmd_calibrate_cache)
     k.add_argument("--model", default=None, help=f"diffusers-format directory (default: {BUNDLED_MODEL})")
     k.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="PATH[:WEIGHT]")
@@ -101,13 +101,14 @@ def add_commands(sub) -> None:
     k.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     k.add_argument("--out", default="teacache_coefficients.json")
     k.add_argument("--levels", action="store_true",
-                   help="instead: find the probe cache's threshold for each quality level (safe, balanced, fast) and "
+                   help="instead: find the --kind cache's threshold for each quality level (safe, balanced, fast) and "
                         "write them to --levels-out")
     k.add_argument("--levels-out", default="step_cache.json",
                    help="put it in the model's folder for `fast` and --cache to use it")
     k.add_argument("--iters", type=int, default=10, help="bisection steps per level (--levels)")
-    k.add_argument("--kind", choices=("probe", "x0"), default="probe",
-                   help="the cache whose levels --levels calibrates (x0: a skipped step's output forecast in log-SNR)")
+    k.add_argument("--kind", choices=("probe", "x0"), default=None,
+                   help="with --levels: the cache they are for (default probe; x0: a skipped step's output forecast "
+                        "in log-SNR)")
 
     x = sub.add_parser("export", help="export the transformer and the VAE decoder as ONNX graphs")
     x.set_defaults(func=cmd_export)
@@ -254,6 +255,8 @@ def cmd_calibrate_cache(a) -> int:
 
     from .pipeline import load_pipeline
     from .calibrate import DEFAULT_PROMPTS, calibrate
+    if a.kind and not a.levels:
+        raise ValueError("--kind names the cache that --levels calibrates; TeaCache's fit (without --levels) has none")
     from .video import atomic_write
 
     prompts = DEFAULT_PROMPTS
@@ -264,7 +267,7 @@ def cmd_calibrate_cache(a) -> int:
               guidance_scale=a.guidance)
     if a.levels:
         from .calibrate import calibrate_levels
-        out = calibrate_levels(pipe, prompts, steps=a.steps, kind=a.kind, seed=a.seed, iters=a.iters, log=print,
+        out = calibrate_levels(pipe, prompts, steps=a.steps, kind=a.kind or "probe", seed=a.seed, iters=a.iters, log=print,
                                **kw)
         out = {"model": str(_model(a)), "loras": [list(x) for x in a.lora], **out}
         path = atomic_write(a.levels_out, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))

@@ -11,8 +11,8 @@ The runner (engine/runner.py) applies the transforms in one order: LoRA fuse →
 | `int8-dynamic`     | int8 dynamic           | fastest exact backend    | off          | int8 (w)    | auto |
 | `int8-weight-only` | int8 weight-only       | fastest exact backend    | off          | int8 (w)    | auto |
 
-`fast`'s step cache: the probe cache at the model's calibrated `fast` level (engine/caches/, `cogrt
-calibrate-cache --levels`) where its folder has one, else TeaCache at threshold 0.2 (the published fit for the
+`fast`'s step cache: the calibrated cache (probe or x0, as step_cache.json names it) at the model's `fast` level
+(engine/caches/, `cogrt calibrate-cache --levels`) where its folder has one, else TeaCache at threshold 0.2 (the published fit for the
 released checkpoints).
 
 On a CUDA GPU every mode also turns on the fused norm kernels and a regional torch.compile of the blocks

@@ -40,7 +40,7 @@ class GenerationRequest:
     # BENCHMARK ONLY: compute exactly these steps (engine.teacache.fixed_schedule), whatever the model says;
     # for speed runs on random weights, where TeaCache's own decisions mean nothing
     teacache_fixed_steps: tuple[int, ...] | None = None
-    # the probe cache (engine/caches/probe.py) at a quality level the model was calibrated for: safe, balanced or
+    # the model's calibrated step cache (probe or x0, engine/caches/) at a quality level: safe, balanced or
     # fast (engine.caches.LEVELS); or at a raw threshold (cache_threshold, for experts and calibration)
     cache: str | None = None
     cache_threshold: float | None = None

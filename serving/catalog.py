@@ -26,7 +26,7 @@ class Card:
     sizes: list[str]
     max_steps: int
     teacache: bool  # whether TeaCache coefficients exist for it
-    cache_levels: list[str] = dataclasses.field(default_factory=list)  # the probe cache's calibrated levels
+    cache_levels: list[str] = dataclasses.field(default_factory=list)  # the step cache's calibrated levels
 
     @property
     def fps(self) -> int:

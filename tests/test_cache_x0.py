@@ -39,10 +39,10 @@ def test_skips_run_only_the_first_block(pipeline):
     assert np.isfinite(res.frames).all()
 
 
-def _ddim(steps=10):
-    from diffusers import CogVideoXDDIMScheduler
-    s = CogVideoXDDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
-                               beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True)
+def _ddim(steps=10, kind="CogVideoXDDIMScheduler"):
+    import diffusers
+    s = getattr(diffusers, kind)(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                 beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True)
     s.set_timesteps(steps)
     return s
 
@@ -52,11 +52,14 @@ def _lam(sched, t):
     return 0.5 * math.log(a / (1 - a)) if a < 1 else math.inf
 
 
-@pytest.mark.parametrize("damp", [1.0, 0.0])
-def test_a_skipped_step_follows_x0_linear_in_log_snr(damp):
+@pytest.mark.parametrize("damp,kind", [(1.0, "CogVideoXDDIMScheduler"), (0.0, "CogVideoXDDIMScheduler"),
+                                       (1.0, "CogVideoXDPMScheduler")])
+def test_a_skipped_step_follows_x0_linear_in_log_snr(damp, kind):
     """Where the clean-sample estimate moves linearly in λ, the full forecast (damp 1) puts the skipped step's
-    output exactly on it, at the middle of that step; damp 0 holds the last computed one (a DDIM jump)."""
-    sched = _ddim()
+    output exactly on it: at the middle of that step for DDIM (the next timestep as its step computes it, which
+    at 30 steps is not the list's next one), at the step's own λ for the DPM scheduler, whose multistep update
+    extrapolates to the middle itself. Damp 0 holds the last computed one (a DDIM jump)."""
+    sched = _ddim(30, kind)
     ts = [int(t) for t in sched.timesteps]
     cache = X0Cache(0.5, len(ts), damp=damp)
     cache.prepare(None, sched.timesteps, 1, None, torch.float32, scheduler=sched)
@@ -68,21 +71,28 @@ def test_a_skipped_step_follows_x0_linear_in_log_snr(damp):
         a = float(sched.alphas_cumprod[t])
         return (math.sqrt(a) * x - x0) / math.sqrt(1 - a)
 
-    cache._count(True)  # the zero-SNR first step: its x0 is not used for the slope
-    for t in ts[1:3]:  # two computed steps
+    for _ in range(2):  # steps 0 and 1, computed without their outputs reaching the cache
+        cache._count(True)
+    for t in ts[2:4]:  # two computed steps
         x = torch.randn(1, 2, 4, 3, 3)
         cache._count(True)  # what blocks() does before the head runs
         cache.skipping = False
         v = v_for(t, x, x0_at(_lam(sched, t)))
         assert cache.output(x, torch.tensor([t]), v) is v  # a computed step's output passes through
-    t, nxt = ts[3], ts[4]
+    t, nxt = ts[4], ts[4] - 1000 // 30  # 866 -> 833 (the list's next is 832)
+    assert nxt != ts[5]
     x = torch.randn(1, 2, 4, 3, 3)
     cache._count(False)
     cache.skipping = True
     v = cache.output(x, torch.tensor([t]), torch.zeros_like(x))
     a = float(sched.alphas_cumprod[t])
     got = math.sqrt(a) * x - math.sqrt(1 - a) * v
-    want = x0_at((_lam(sched, t) + _lam(sched, nxt)) / 2) if damp else x0_at(_lam(sched, ts[2]))
+    if not damp:
+        want = x0_at(_lam(sched, ts[3]))
+    elif kind == "CogVideoXDPMScheduler":
+        want = x0_at(_lam(sched, t))
+    else:
+        want = x0_at((_lam(sched, t) + _lam(sched, nxt)) / 2)
     assert torch.allclose(got, want, atol=1e-4)
 
 
@@ -104,3 +114,9 @@ def test_levels_file_chooses_the_kind(tmp_path):
     path.write_text(json.dumps({"kind": "teacache", "levels": {"fast": {"threshold": 0.2}}}))
     with pytest.raises(ValueError, match="probe, x0"):
         caches.read_levels(path)
+
+
+def test_kind_needs_levels(capsys):
+    from cogrt.engine.cli import main
+    assert main(["calibrate-cache", "--kind", "x0"]) == 2
+    assert "--levels" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 A cache is a per-request object (made for one request, thrown away with it). The model calls it once a step
 in place of its block stack (`CogVideoXTransformer.forward(..., cache=)`): `blocks` either runs them or adds
-back what they added at an earlier step. The pipeline's loop knows nothing of what a cache decides; it calls
+back what they added at an earlier step, and the model's output passes through `output`, which may replace it
+(the x0 cache does, on a skipped step). The pipeline's loop knows nothing of what a cache decides; it calls
 `prepare` once before the loop, which lets a cache whose decisions depend on the timestep alone work out its
 whole schedule there, with one host sync per request.
 
@@ -148,7 +149,7 @@ def new_state(req, num_steps: int, levels: dict | None = None) -> StepCache | No
 
 
 def threshold(req, levels: dict | None) -> float:
-    """The probe cache's threshold for a request: its own, or its quality level's in the model's `levels`; a
+    """The probe or x0 cache's threshold for a request: its own, or its quality level's in the model's `levels`; a
     ValueError naming the fix where the model has no such level."""
     if req.cache_threshold is not None:
         return float(req.cache_threshold)
