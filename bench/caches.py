@@ -231,16 +231,11 @@ def run(model=MODEL, n: int = 32, calib: int = 2, targets=TARGETS, names=None, d
             r = rows[-1]
             log(f"  {r['steps_frac']:.0%} of steps: {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}", flush=True)
     if levels:
-        from cogrt.engine.caches import LEVELS_FILE, read_levels
-        from cogrt.engine.caches.probe import ProbeCache
-        from cogrt.engine.caches.x0 import X0Cache
+        from cogrt.engine.caches import LEVELS_FILE, level_cache, read_levels
         lv = read_levels(Path(model) / LEVELS_FILE)
         for name in levels:
             th = lv["thresholds"][name]
-            if lv["kind"] == "x0":
-                make = lambda n_steps, th=th: X0Cache(th, n_steps)  # noqa: E731
-            else:
-                make = lambda n_steps, th=th: ProbeCache(th, n_steps, order=lv["order"])  # noqa: E731
+            make = lambda n_steps, th=th: level_cache(lv["kind"], th, n_steps, lv["order"])  # noqa: E731
             vids = [our.video(make, p, i) for i, p in enumerate(prompts)]
             rows.append(summarize(f"cogrt-{lv['kind']}, level {name}", None, th, vids, ref_ours, scenes, score))
             r = rows[-1]

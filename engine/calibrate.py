@@ -51,13 +51,10 @@ def calibrate_levels(pipe, prompts=DEFAULT_PROMPTS, steps: int = 50, targets: di
     Returns the levels file's content (engine.caches.read_levels reads it back)."""
     import math
 
-    from .caches import LEVEL_KINDS, LEVELS
-    from .caches.probe import ProbeCache
-    from .caches.x0 import X0Cache
+    from .caches import LEVEL_KINDS, LEVELS, level_cache
     from .video import psnr
-    if kind not in LEVEL_KINDS:
-        raise ValueError(f"cannot calibrate levels for a {kind!r} cache; valid: {', '.join(LEVEL_KINDS)}")
-    make = (lambda th: X0Cache(th, steps)) if kind == "x0" else (lambda th: ProbeCache(th, steps, order=order))
+    if kind not in LEVEL_KINDS:  # here, not after the uncached runs
+        raise ValueError(f"no {kind!r} cache has quality levels; valid: {', '.join(LEVEL_KINDS)}")
     targets = dict(targets or LEVELS)
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
@@ -70,7 +67,7 @@ def calibrate_levels(pipe, prompts=DEFAULT_PROMPTS, steps: int = 50, targets: di
         if th not in tried:
             db, frac = [], []
             for ref, req in zip(refs, reqs()):
-                res = pipe.run(req, cache=make(th))
+                res = pipe.run(req, cache=level_cache(kind, th, steps, order))
                 db.append(min(psnr(ref, res.frames), 100.0))  # an identical video counts as 100 dB, not inf
                 frac.append(len(res.steps_computed) / steps)
             tried[th] = (float(np.mean(db)), float(np.mean(frac)))

@@ -47,26 +47,35 @@ def test_forecast_keeps_only_what_its_order_needs():
         Residuals(1).add_to(1, torch.zeros(1), torch.zeros(1))
 
 
-def test_probe_threshold_zero_is_bit_identical_to_no_cache(pipeline):
+# the caches that probe with the first block, each run at a threshold: the probe cache as a request asks for it
+# (cache_threshold), the x0 cache as the levels file of its kind makes it
+PROBING = {"probe": lambda pipe, th: pipe.generate(PROMPT, cache_threshold=th, **KW),
+           "x0": lambda pipe, th: pipe.run(GenerationRequest(PROMPT, **KW), cache=caches.level_cache("x0", th, 8))}
+
+
+@pytest.mark.parametrize("kind", PROBING)
+def test_threshold_zero_is_bit_identical_to_no_cache(pipeline, kind):
     pipe = pipeline("5b")
     off = pipe.generate(PROMPT, **KW)
-    on = pipe.generate(PROMPT, cache_threshold=0.0, **KW)
+    on = PROBING[kind](pipe, 0.0)
     assert on.steps_computed == list(range(8)) and on.steps_skipped == []
     assert np.array_equal(on.frames, off.frames) and torch.equal(on.latents, off.latents)
 
 
-def test_probe_skips_run_only_the_first_block(pipeline):
+@pytest.mark.parametrize("kind", PROBING)
+def test_skips_run_only_the_first_block(pipeline, kind):
     pipe = pipeline("5b")
     first, last = [], []
     hooks = [pipe.transformer.blocks[0].register_forward_hook(lambda *_: first.append(1)),
              pipe.transformer.blocks[-1].register_forward_hook(lambda *_: last.append(1))]
     try:
-        res = pipe.generate(PROMPT, cache_threshold=1e9, **KW)
+        res = PROBING[kind](pipe, 1e9)
     finally:
         for h in hooks:
             h.remove()
     assert res.steps_computed == [0, 7] and res.steps_skipped == list(range(1, 7))
     assert len(first) == 8 and len(last) == 2  # the probe on every step, the rest only where computed
+    assert np.isfinite(res.frames).all()
 
 
 def test_probe_decides_by_the_first_blocks_change(model_inputs_probe):

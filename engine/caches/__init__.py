@@ -130,22 +130,28 @@ def read_levels(path) -> dict:
     return {"kind": kind, "order": order, "thresholds": thresholds}
 
 
+def level_cache(kind: str, threshold: float, num_steps: int, order: int = 2) -> StepCache:
+    """A cache of a kind a levels file can name (LEVEL_KINDS), at `threshold`: the probe cache with its forecast
+    `order`, or the x0 cache."""
+    from .probe import ProbeCache
+    from .x0 import X0Cache
+    if kind not in LEVEL_KINDS:
+        raise ValueError(f"no {kind!r} cache has quality levels; valid: {', '.join(LEVEL_KINDS)}")
+    return X0Cache(threshold, num_steps) if kind == "x0" else ProbeCache(threshold, num_steps, order=order)
+
+
 def new_state(req, num_steps: int, levels: dict | None = None) -> StepCache | None:
     """The step cache for a request (engine.request.GenerationRequest), or None when it computes every step.
     `levels`: the model's read_levels(), which a request's quality level needs."""
-    from .probe import ProbeCache
     from .teacache import TeaCache
-    from .x0 import X0Cache
     if req.teacache_fixed_steps is not None:
         return TeaCache(0.0, (), num_steps, fixed=frozenset(req.teacache_fixed_steps))
     if req.teacache is not None:
         return TeaCache(float(req.teacache), tuple(req.teacache_coefficients), num_steps)
     if req.cache is None and req.cache_threshold is None:
         return None
-    if levels and levels["kind"] == "x0":
-        return X0Cache(threshold(req, levels), num_steps)
-    order = levels["order"] if levels else 2
-    return ProbeCache(threshold(req, levels), num_steps, order=order)
+    kind, order = (levels["kind"], levels["order"]) if levels else ("probe", 2)
+    return level_cache(kind, threshold(req, levels), num_steps, order)
 
 
 def threshold(req, levels: dict | None) -> float:

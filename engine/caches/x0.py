@@ -31,7 +31,6 @@ class X0Cache(ProbeCache):
         super().__init__(threshold, num_steps, order=0, max_skips=max_skips, decide="last")
         self.damp = damp  # 1: the full linear extrapolation in λ; 0: x0 held
         self.history: list[tuple[int, torch.Tensor]] = []  # (timestep, x0 fp32) at the last two computed steps
-        self.skipping = False
         self.abar: list[float] = []
         self.ts: list[int] = []
         self.stride = 0  # the scheduler's step in training timesteps: the next one is t - stride
@@ -69,7 +68,6 @@ class X0Cache(ProbeCache):
             self.distances.append(d)
             compute = d >= self.threshold or (self.max_skips is not None and self.skips >= self.max_skips)
         self._count(compute)
-        self.skipping = not compute
         if not compute:
             self.skips += 1
             return v0, c0  # the head runs on it, and output() replaces what it gives: no residual is kept
@@ -82,11 +80,11 @@ class X0Cache(ProbeCache):
         a = self.abar[t]
         alpha, sigma = math.sqrt(a), math.sqrt(1.0 - a)
         xt = x[:, :, :out.shape[2]].float()  # I2V inputs carry the image latents after the noisy ones
-        if not self.skipping:
+        if not self.skipped or self.skipped[-1] != self.step - 1:  # this step computed its blocks
             x0 = alpha * xt - sigma * out.float()
             self.history = (self.history + [(t, x0)])[-2:]
             return out
-        (t1, x1) = self.history[-1]
+        t1, x1 = self.history[-1]
         x0 = x1
         if len(self.history) == 2:
             t2, x2 = self.history[0]
