@@ -49,7 +49,10 @@ DIFFUSERS_ROWS = ("diffusers", "diffusers-compile", "diffusers-torchao-fp8-compi
 # fp8 with its choices changed, to weigh them (engine/quant.py): the first and last blocks in bf16, and fp32
 # accumulation instead of Hopper's fast one
 VARIANT_ROWS = {"fp8-keep-ends": ("fp8", {"keep_blocks": (0, -1)}),
-                "fp8-fp32-accum": ("fp8", {"fp8_fast_accum": False})}
+                "fp8-fp32-accum": ("fp8", {"fp8_fast_accum": False}),
+                # without the FF's fused GELU and our fp8 activation quantization (engine/fused.py)
+                "exact-unfused-ff": ("exact", {"fused_ff": False}),
+                "fp8-unfused-ff": ("fp8", {"fused_ff": False})}
 ROWS = DIFFUSERS_ROWS + modes.MODES + tuple(VARIANT_ROWS)
 SIZES = {"cogvideox-2b": (49, 480, 720), "cogvideox-5b": (49, 480, 720), "cogvideox1.5-5b": (81, 768, 1360)}
 PROMPT = "a panda playing guitar in a bamboo forest, sunlight through the leaves"

@@ -70,18 +70,30 @@ def kernel_table(prof, calls: int) -> tuple[dict[str, float], dict[str, list]]:
     return by, top
 
 
-def profile_mode(mode: str, a, dev, dtype) -> dict:
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """"fp8" or "fp8:fused_ff=0:attention=triton": a mode and single transforms set over it."""
+    mode, *sets = spec.split(":")
+    overrides = {}
+    for s in sets:
+        k, v = s.split("=", 1)
+        overrides[k] = {"0": False, "false": False, "1": True, "true": True}.get(v.lower(), v)
+    return mode, overrides
+
+
+def profile_mode(spec: str, a, dev, dtype) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from cogrt.bench.components import engine_transformer, random_components
     from cogrt.engine.pipeline import assemble
     from cogrt.engine.request import GenerationRequest
     from cogrt.engine.runner import use_compile_cache
-    use_compile_cache(os.path.join(a.cache_dir, mode))
+    mode, overrides = parse_spec(spec)
+    cache = os.path.join(a.cache_dir, spec.replace(":", "_").replace("=", "-"))
+    use_compile_cache(cache)
     c = random_components(a.preset, dev, dtype, a.seed)
     ours = engine_transformer(c.transformer, c.cfg, dtype, copy=False)
     pipe = assemble(ours, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, dev, dtype, mode,
-                    dataclasses.replace(our_transforms(mode, dev)), cache_dir=os.path.join(a.cache_dir, mode),
+                    dataclasses.replace(our_transforms(mode, dev), **overrides), cache_dir=cache,
                     keep_originals=False)
     del c
     kw = dict(num_frames=a.frames, height=a.height, width=a.width, guidance_scale=6.0, seed=a.seed)
@@ -203,7 +215,7 @@ def profile_mode(mode: str, a, dev, dtype) -> dict:
     step_ms = 1e3 * marginal
     forward_ms = statistics.median(fwd)
     busy = sum(by.values())
-    return dict(mode=mode, step_ms=step_ms, request_setup_ms=1e3 * setup, forward_ms=forward_ms,
+    return dict(mode=spec, step_ms=step_ms, request_setup_ms=1e3 * setup, forward_ms=forward_ms,
                 outside_forward_ms=step_ms - forward_ms,
                 in_loop_forward_ms=statistics.median(in_fwd), in_loop_gap_ms=statistics.median(gaps),
                 in_loop_first_last_forward_ms=[in_fwd[0], in_fwd[-1]], in_loop_forwards_ms=in_fwd,
@@ -248,7 +260,8 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="cogrt bench profile", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="cogvideox-5b")
-    ap.add_argument("--modes", default="exact,fp8")
+    ap.add_argument("--modes", default="exact,fp8",
+                    help="comma-separated modes, each optionally with transforms set over it: fp8:fused_ff=0")
     ap.add_argument("--frames", type=int, default=49)
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=720)

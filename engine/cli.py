@@ -159,6 +159,9 @@ def add_mode_args(p) -> None:
     p.add_argument("--fused-norms", dest="fused_norms", action="store_true", default=None,
                    help="run the blocks' adaLN, QK norm + RoPE and residual passes through the Triton kernels")
     p.add_argument("--no-fused-norms", dest="fused_norms", action="store_false")
+    p.add_argument("--fused-ff", dest="fused_ff", action=argparse.BooleanOptionalAction, default=None,
+                   help="with the fused norms: the FF's GELU in its GEMM's epilogue, and in fp8 the activations "
+                        "quantized by our kernels (default on GPUs)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="regional torch.compile of the transformer blocks (default on GPUs)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
@@ -170,7 +173,8 @@ def add_mode_args(p) -> None:
 
 
 def mode_kwargs(a) -> dict:
-    return dict(mode=a.mode, quant=a.quant, attention=a.attention, fused_norms=a.fused_norms, compile=a.compile,
+    return dict(mode=a.mode, quant=a.quant, attention=a.attention, fused_norms=a.fused_norms, fused_ff=a.fused_ff,
+                compile=a.compile,
                 cuda_graphs=a.cuda_graphs, text_encoder=a.text_encoder, cache_dir=a.compile_cache)
 
 

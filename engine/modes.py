@@ -15,8 +15,8 @@ The runner (engine/runner.py) applies the transforms in one order: LoRA fuse →
 (engine/caches/, `cogrt calibrate-cache --levels`) where its folder has one, else TeaCache at threshold 0.2 (the published fit for the
 released checkpoints).
 
-On a CUDA GPU every mode also turns on the fused norm kernels and a regional torch.compile of the blocks
-(with a persistent cache). On the CPU the modes keep PyTorch's own attention, no Triton and no compile:
+On a CUDA GPU every mode also turns on the fused norm kernels (and the FF's GELU fused: `fused_ff`,
+engine/fused.py) and a regional torch.compile of the blocks (with a persistent cache). On the CPU the modes keep PyTorch's own attention, no Triton and no compile:
 the interpreter is for tests, and a compile costs more than it saves on a tiny model there. fp8 needs fp8
 tensor cores (compute capability 8.9 or newer); asking for it elsewhere is an error, not a silent fallback,
 so that nobody benchmarks a mode they are not running. The int8 modes are for GPUs without fp8 (A100, L40).
@@ -42,6 +42,7 @@ class Transforms:
     quant: str | None = None  # one of QUANTS, or None: linear layers stay in the model dtype
     attention: str = "sdpa"  # an engine/attention.py backend
     fused_norms: bool = False  # adaLN, QK norm + RoPE and gated residuals through kernels/
+    fused_ff: bool = False  # with fused_norms: the FF's GELU in a GEMM epilogue, or in fp8 our activation quantization
     compile: bool = False  # regional torch.compile of the transformer blocks
     cuda_graphs: bool = False  # compile with CUDA graphs ("reduce-overhead"); needs compile
     text_encoder: str = "full"  # one of TEXT_ENCODER
@@ -101,6 +102,7 @@ def transforms_for(mode: str, device: torch.device, **overrides) -> Transforms:
         quant=quant,
         attention=("triton-fp8" if has_tma(device) else "sdpa") if quant == "fp8" else exact_attention,
         fused_norms=gpu,
+        fused_ff=gpu,
         compile=gpu,
         text_encoder="full" if quant is None else "int8",
         vae_tiling=None,  # every mode: tiled only where the untiled decode would not fit

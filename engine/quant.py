@@ -117,3 +117,18 @@ def write_weight(linear: nn.Linear, weight: torch.Tensor, kind: str | None, fast
                                f"{layout(old)}")
         for n in names:  # the quantized data and its scales
             getattr(old, n).copy_(getattr(new, n))
+
+
+def is_fp8(linear: nn.Linear) -> bool:
+    return is_quantized(linear) and getattr(linear.weight, "qdata", None) is not None \
+        and linear.weight.qdata.dtype == torch.float8_e4m3fn
+
+
+def fp8_operands(linear: nn.Linear) -> tuple:
+    """What torch._scaled_mm needs of torchao's fp8 row-wise layer: its e4m3 weight (out, in), the weight's row
+    scales (out, 1), the bias and whether it accumulates fast. The tensors are torchao's own (not copies), which
+    `write_weight` overwrites in place when a LoRA switches, so holders of these see the new weights."""
+    w = linear.weight
+    if tuple(w.scale.shape) != (w.qdata.shape[0], 1):
+        raise ValueError(f"not a row-wise fp8 weight: scales of shape {tuple(w.scale.shape)}")
+    return w.qdata, w.scale, linear.bias, bool(w.mm_config.use_fast_accum)

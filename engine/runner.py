@@ -118,7 +118,7 @@ class Runner:
                         "'triton' kernel", model.cfg.head_dim)
             self.transforms = transforms = dataclasses.replace(transforms, attention="triton")
         set_attention(model, transforms.attention)
-        fuse_norms(model, transforms.fused_norms)
+        fuse_norms(model, transforms.fused_norms, transforms.fused_ff)
         if parallel is not None:
             from .parallel import split_sequence
             split_sequence(model, parallel)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import alloc
+from . import alloc, quant
 
 
 # rows per program and warps for adaln_modulate. A program takes ROWS consecutive rows of one stream of one
@@ -31,8 +31,8 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _adaln_modulate_kernel(x_ptr, c_ptr, w_ptr, b_ptr, mod_ptr, out_ptr, Nv, n_text, D, text_tiles, eps,
-                           HAS_AFFINE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _adaln_modulate_kernel(x_ptr, c_ptr, w_ptr, b_ptr, mod_ptr, out_ptr, s_ptr, Nv, n_text, D, text_tiles, eps,
+                           HAS_AFFINE: tl.constexpr, QUANT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0)  # tiles [0, text_tiles) hold text rows, the rest video rows
     b = tl.program_id(1)
     is_text = t < text_tiles
@@ -57,6 +57,10 @@ def _adaln_modulate_kernel(x_ptr, c_ptr, w_ptr, b_ptr, mod_ptr, out_ptr, Nv, n_t
     scale = tl.load(base + D + cols, mask=cm, other=0.0).to(tl.float32)
     y = y * (1.0 + scale[None, :]) + shift[None, :]
     at = b * (n_text + Nv) + tl.where(is_text, 0, n_text) + r  # row in the joint [text; video] output
+    if QUANT:  # row-wise e4m3 with its scale, as kernels/quant.py (the whole row is in this program)
+        scale_q = tl.maximum(tl.max(tl.abs(tl.where(m, y, 0.0)), axis=1), 1e-12) / 448.0  # (ROWS,)
+        tl.store(s_ptr + at, scale_q, mask=r < n_rows)
+        y = tl.clamp(y / scale_q[:, None], -448.0, 448.0)
     tl.store(out_ptr + at[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -91,23 +95,41 @@ def adaln_modulate(x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor | None
     return launch_modulate(x, c, weight, bias, mod, eps)
 
 
-def launch_modulate(x, c, weight, bias, mod, eps, rows: int = ROWS, num_warps: int = NUM_WARPS):
-    """adaln_modulate with its launch settings given (bench/kernels.py sweeps them)."""
+def launch_modulate(x, c, weight, bias, mod, eps, rows: int = ROWS, num_warps: int = NUM_WARPS, fp8: bool = False):
+    """adaln_modulate with its launch settings given (bench/kernels.py sweeps them); `fp8`: also quantize
+    (returns the e4m3 rows and their scales)."""
     _check(x, c, mod)
     B, Nv, D = x.shape
     Nt = c.shape[1]
-    out = alloc.empty((B, Nt + Nv, D), x)
+    out = quant.fp8_output((B, Nt + Nv, D), x) if fp8 else alloc.empty((B, Nt + Nv, D), x)
+    scales = alloc.empty((B * (Nt + Nv), 1), x, torch.float32) if fp8 else out
     affine = weight is not None
     text_tiles = triton.cdiv(Nt, rows)
     _adaln_modulate_kernel[(text_tiles + triton.cdiv(Nv, rows), B)](
-        x, c, weight if affine else x, bias if affine else x, mod, out, Nv, Nt, D, text_tiles, eps,
-        HAS_AFFINE=affine, ROWS=rows, BLOCK=triton.next_power_of_2(D), num_warps=num_warps)
-    return out
+        x, c, weight if affine else x, bias if affine else x, mod, out, scales, Nv, Nt, D, text_tiles, eps,
+        HAS_AFFINE=affine, QUANT=fp8, ROWS=rows, BLOCK=triton.next_power_of_2(D), num_warps=num_warps)
+    return (quant.finish(out), scales) if fp8 else out
 
 
 @adaln_modulate.register_fake
 def _(x, c, weight, bias, mod, eps):
     return x.new_empty(x.shape[0], c.shape[1] + x.shape[1], x.shape[2])
+
+
+@torch.library.custom_op("cogrt::adaln_modulate_fp8", mutates_args=())
+def adaln_modulate_fp8(x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                       mod: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """adaln_modulate's h, quantized row-wise to e4m3 in the same pass (kernels/quant.py's rule, applied to the
+    float32 h before any rounding): (q (B, Nt + Nv, D) e4m3, scale (B·(Nt + Nv), 1) float32), the operands of the
+    fp8 linear layer that reads h. It saves that layer's separate quantization, a read and a write of h."""
+    return launch_modulate(x, c, weight, bias, mod, eps, fp8=True)
+
+
+@adaln_modulate_fp8.register_fake
+def _(x, c, weight, bias, mod, eps):
+    N = c.shape[1] + x.shape[1]
+    return (x.new_empty(x.shape[0], N, x.shape[2], dtype=torch.float8_e4m3fn),
+            x.new_empty(x.shape[0] * N, 1, dtype=torch.float32))
 
 
 @torch.library.custom_op("cogrt::gated_residual", mutates_args=())
@@ -144,6 +166,11 @@ def adaln_modulate_reference(x, c, weight, bias, mod, eps):
     h = torch.cat([norm(c) * (1 + c_scale.float()) + c_shift.float(), norm(x) * (1 + scale.float()) + shift.float()],
                   dim=1)
     return h.to(x.dtype)
+
+
+def adaln_modulate_fp8_reference(x, c, weight, bias, mod, eps):
+    h = adaln_modulate_reference(x.float(), c.float(), weight, bias, mod.float(), eps)  # float32: not rounded to x's dtype
+    return quant.quant_rows_reference(h, gelu=False)
 
 
 def gated_residual_reference(x, c, a, mod):

@@ -140,3 +140,12 @@ def test_lora_switch_notices_a_switch_that_does_nothing(monkeypatch):
     monkeypatch.setattr(LoraState, "switch", lambda self, loras, key=None: setattr(self, "key", key))
     with pytest.raises(RuntimeError, match="changed=False"):
         main(LORA)
+
+
+def test_profile_spec_sets_transforms_over_a_mode():
+    from cogrt.bench.profile import parse_spec
+    assert parse_spec("fp8") == ("fp8", {})
+    assert parse_spec("fp8:fused_ff=0:attention=triton") == ("fp8", {"fused_ff": False, "attention": "triton"})
+    mode, over = parse_spec("exact:fused_ff=true")
+    from cogrt.engine.modes import transforms_for
+    assert transforms_for(mode, "cpu", **over).fused_ff is True
