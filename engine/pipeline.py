@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import caches, loader, modes, quant
 from .caches import teacache
+from .dpm import DPMSteps
 from .lora import lora_key, read_lora
 from .model import CogVideoXTransformer, ModelConfig
 from .request import GenerationRequest, GenerationResult
@@ -258,6 +259,8 @@ class Pipeline:
         positions = self.transformer.positions(frames, h, w, dev)
         ofs = torch.full((1,), 2.0, device=dev, dtype=self.dtype) if cfg.ofs_embed_dim else None
         is_dpm = type(sched).__name__ == "CogVideoXDPMScheduler"
+        # DPM's step, free of host syncs, its noise drawn while the forward runs (engine/dpm.py)
+        dpm = DPMSteps(sched, ts) if is_dpm and sched.config.prediction_type == "v_prediction" else None
         old_x0 = None
         if image is not None and cfg_on:
             image = torch.cat([image, image])
@@ -278,17 +281,20 @@ class Pipeline:
                 x = x[half]
                 self.runner.step_begin()
                 v = self.transformer(x, text, t.expand(x.shape[0]), ofs=ofs, positions=positions, cache=cache)
+                noise = dpm.noise(i, latents.shape, gen, latents.dtype) if dpm else None  # the GPU is busy now
                 v = self.parallel.cfg_gather(v) if split else v
                 v = v.float()
                 if cfg_on:
                     v_uncond, v_text = v.chunk(2)
                     v = v_uncond + scales[i] * (v_text - v_uncond)
-                if is_dpm:
-                    prev = timesteps[i - 1] if i > 0 else None
-                    latents, old_x0 = sched.step(v, old_x0, t, prev, latents, eta=0.0, generator=gen,
+                if dpm:
+                    latents, old_x0 = dpm.step(i, v, old_x0, latents, noise)
+                elif is_dpm:
+                    prev = ts[i - 1] if i > 0 else None
+                    latents, old_x0 = sched.step(v, old_x0, ts[i], prev, latents, eta=0.0, generator=gen,
                                                  return_dict=False)
-                else:
-                    latents = sched.step(v, t, latents, eta=0.0, generator=gen, return_dict=False)[0]
+                else:  # DDIM: the timestep as an int, so that indexing the scheduler's CPU tables needs no sync
+                    latents = sched.step(v, ts[i], latents, eta=0.0, generator=gen, return_dict=False)[0]
                 latents = latents.to(self.dtype)
                 if on_step is not None:
                     on_step("denoise", i + 1, steps)
@@ -315,6 +321,10 @@ class Pipeline:
         if tiling is None:  # auto: tile when the untiled decode would not fit in what is free
             need = _DECODE_BYTES_PER_PIXEL_FRAME * req.num_frames * req.height * req.width * self.vae.dtype.itemsize
             tiling = need > 0.8 * free_memory(self.device)
+            if tiling and self.device.type == "cuda":
+                # memory is short: hand the denoise loop's cached blocks back, so that the decode's large
+                # allocations do not fail on a fragmented cache inside a memory fraction (bench/RESULTS.md, issue 19)
+                torch.cuda.empty_cache()
         if tiling and _tiles_fit(self.vae):
             self.vae.enable_tiling()
         else:
