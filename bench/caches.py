@@ -58,6 +58,10 @@ def our_caches(model: Path) -> dict[str, Ours]:
         Ours("cogrt-probe", "threshold (forecast order 2)", 1e-3, 2.0, lambda k, n: ProbeCache(k, n, order=2)),
         Ours("cogrt-x0", "threshold (the probe's rule; skipped outputs from x0 forecast in log-SNR)", 1e-3, 2.0,
              lambda k, n: X0Cache(k, n)),
+        Ours("cogrt-x0-s1", "threshold (the x0 cache; the first skipped step of a run from the residual forecast)",
+             1e-3, 2.0, lambda k, n: X0Cache(k, n, short=1)),
+        Ours("cogrt-x0-s2", "threshold (the x0 cache; the first two skipped steps of a run from the residual "
+             "forecast)", 1e-3, 2.0, lambda k, n: X0Cache(k, n, short=2)),
         Ours("cogrt-probe-o1", "threshold (forecast order 1)", 1e-3, 2.0, lambda k, n: ProbeCache(k, n, order=1)),
         Ours("cogrt-probe-o0", "threshold (no forecast: FirstBlockCache's rule)", 1e-3, 2.0,
              lambda k, n: ProbeCache(k, n, order=0)),

@@ -43,10 +43,10 @@ def calibrate(pipe, prompts=DEFAULT_PROMPTS, steps: int = 50, degree: int = 4, s
 
 def calibrate_levels(pipe, prompts=DEFAULT_PROMPTS, steps: int = 50, targets: dict | None = None, order: int = 2,
                      kind: str = "probe", seed: int = 0, lo: float = 1e-3, hi: float = 2.0, iters: int = 10, log=None,
-                     **request_kw) -> dict:
+                     margin_db: float = 0.0, **request_kw) -> dict:
     """For each quality level (engine.caches.LEVELS: name -> mean PSNR target in dB), the largest threshold of
     the `kind` cache ("probe", with its forecast `order`, or "x0") whose frames keep that mean PSNR against the
-    uncached run on `prompts`, found by bisection in log
+    uncached run on `prompts` (plus `margin_db`), found by bisection in log
     space over [lo, hi]. Every threshold is tried on all prompts; results are shared between the levels.
     Returns the levels file's content (engine.caches.read_levels reads it back)."""
     import math
@@ -80,11 +80,11 @@ def calibrate_levels(pipe, prompts=DEFAULT_PROMPTS, steps: int = 50, targets: di
         a, b, good = math.log(lo), math.log(hi), lo
         for _ in range(iters):
             mid = math.exp((a + b) / 2)
-            if at(mid)[0] >= target:
+            if at(mid)[0] >= target + margin_db:
                 a, good = math.log(mid), mid
             else:
                 b = math.log(mid)
         db, frac = at(good)
         levels[name] = {"threshold": good, "target_db": target, "psnr_db": db, "steps_frac": frac}
     return {"kind": kind, "order": order, "steps": steps, "prompts": len(prompts), "seed": seed,
-            "levels": levels}
+            "margin_db": margin_db, "levels": levels}

@@ -106,6 +106,9 @@ def add_commands(sub) -> None:
     k.add_argument("--levels-out", default="step_cache.json",
                    help="put it in the model's folder for `fast` and --cache to use it")
     k.add_argument("--iters", type=int, default=10, help="bisection steps per level (--levels)")
+    k.add_argument("--margin-db", type=float, default=0.0,
+                   help="calibrate each level to its PSNR target plus this much (--levels): room for prompts the "
+                        "calibration did not see, where a cache's quality falls off steeply")
     k.add_argument("--kind", choices=("probe", "x0"), default=None,
                    help="with --levels: the cache they are for (default probe; x0: a skipped step's output forecast "
                         "in log-SNR)")
@@ -272,7 +275,7 @@ def cmd_calibrate_cache(a) -> int:
     if a.levels:
         from .calibrate import calibrate_levels
         out = calibrate_levels(pipe, prompts, steps=a.steps, kind=a.kind or "probe", seed=a.seed, iters=a.iters, log=print,
-                               **kw)
+                               margin_db=a.margin_db, **kw)
         out = {"model": str(_model(a)), "loras": [list(x) for x in a.lora], **out}
         path = atomic_write(a.levels_out, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
         print(f"wrote {path}: " + ", ".join(f"{k} threshold {v['threshold']:.4g} ({v['psnr_db']:.1f} dB, "

@@ -34,7 +34,7 @@ def gelu_tanh(v):
 
 
 @triton.jit
-def _quant_rows_kernel(y_ptr, q_ptr, s_ptr, K, GELU: tl.constexpr, BLOCK: tl.constexpr):
+def _fp8_rows_kernel(y_ptr, q_ptr, s_ptr, K, GELU: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < K
@@ -71,7 +71,7 @@ def quant_rows(y: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]
     M = y.numel() // K
     q, s = fp8_output(y.shape, y), alloc.empty((M, 1), y, torch.float32)
     BLOCK = triton.next_power_of_2(K)
-    _quant_rows_kernel[(M,)](y, q, s, K, GELU=gelu, BLOCK=BLOCK, num_warps=min(16, max(4, BLOCK // 1024)))
+    _fp8_rows_kernel[(M,)](y, q, s, K, GELU=gelu, BLOCK=BLOCK, num_warps=min(16, max(4, BLOCK // 1024)))
     return finish(q), s
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cogrt.engine import caches
+from cogrt.engine.caches.x0 import X0Cache
 from cogrt.engine.caches import Residuals
 from cogrt.engine.caches.probe import ProbeCache
 from cogrt.engine.request import GenerationRequest
@@ -50,7 +51,8 @@ def test_forecast_keeps_only_what_its_order_needs():
 # the caches that probe with the first block, each run at a threshold: the probe cache as a request asks for it
 # (cache_threshold), the x0 cache as the levels file of its kind makes it
 PROBING = {"probe": lambda pipe, th: pipe.generate(PROMPT, cache_threshold=th, **KW),
-           "x0": lambda pipe, th: pipe.run(GenerationRequest(PROMPT, **KW), cache=caches.level_cache("x0", th, 8))}
+           "x0": lambda pipe, th: pipe.run(GenerationRequest(PROMPT, **KW), cache=caches.level_cache("x0", th, 8)),
+           "x0-short": lambda pipe, th: pipe.run(GenerationRequest(PROMPT, **KW), cache=X0Cache(th, 8, short=2))}
 
 
 @pytest.mark.parametrize("kind", PROBING)
@@ -60,6 +62,17 @@ def test_threshold_zero_is_bit_identical_to_no_cache(pipeline, kind):
     on = PROBING[kind](pipe, 0.0)
     assert on.steps_computed == list(range(8)) and on.steps_skipped == []
     assert np.array_equal(on.frames, off.frames) and torch.equal(on.latents, off.latents)
+
+
+def test_x0_short_takes_the_residual_forecast_at_the_start_of_a_run(pipeline):
+    """short=2: the first two skipped steps of a run add the forecast residual (the head's output stands), the
+    rest come from x0; the residual kind gives another video than the x0 kind alone."""
+    pipe = pipeline("5b")
+    cache = X0Cache(1e9, 8, short=2)
+    mixed = pipe.run(GenerationRequest(PROMPT, **KW), cache=cache)
+    assert cache.by_residual == {1, 2} and mixed.steps_skipped == list(range(1, 7))
+    plain = PROBING["x0"](pipe, 1e9)
+    assert np.isfinite(mixed.frames).all() and not np.array_equal(mixed.frames, plain.frames)
 
 
 @pytest.mark.parametrize("kind", PROBING)

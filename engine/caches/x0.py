@@ -27,9 +27,15 @@ from .probe import ProbeCache
 
 
 class X0Cache(ProbeCache):
-    def __init__(self, threshold: float, num_steps: int, max_skips: int | None = None, damp: float = 1.0):
-        super().__init__(threshold, num_steps, order=0, max_skips=max_skips, decide="last")
+    def __init__(self, threshold: float, num_steps: int, max_skips: int | None = None, damp: float = 1.0,
+                 short: int = 0):
+        """`short`: the first `short` skipped steps of each skipped run take the block stack's residual forecast
+        to order 2 (the probe cache's) instead of the x0 forecast: the residual's is the better one over short
+        gaps, x0's over long ones (bench/RESULTS.md). 0 keeps no residuals."""
+        super().__init__(threshold, num_steps, order=2 if short else 0, max_skips=max_skips, decide="last")
         self.damp = damp  # 1: the full linear extrapolation in λ; 0: x0 held
+        self.short = short
+        self.by_residual: set[int] = set()  # skipped steps whose output came from the residual forecast
         self.history: list[tuple[int, torch.Tensor]] = []  # (timestep, x0 fp32) at the last two computed steps
         self.abar: list[float] = []
         self.ts: list[int] = []
@@ -70,10 +76,16 @@ class X0Cache(ProbeCache):
         self._count(compute)
         if not compute:
             self.skips += 1
-            return v0, c0  # the head runs on it, and output() replaces what it gives: no residual is kept
+            if self.skips <= self.short:
+                self.by_residual.add(step)
+                return self.residuals.add_to(step, v0, c0)
+            return v0, c0  # the head runs on it, and output() replaces what it gives
         self.skips = 0
         self.probes.record(step, r, r[:, :0])
-        return model.run_blocks(v0, c0, temb, rope, blocks=model.blocks[1:])
+        v1, c1 = model.run_blocks(v0, c0, temb, rope, blocks=model.blocks[1:])
+        if self.short:
+            self.residuals.record(step, v1 - v0, c1 - c0)
+        return v1, c1
 
     def output(self, x: torch.Tensor, timestep: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         t = self.ts[self.step - 1]  # blocks() has counted this step
@@ -83,6 +95,8 @@ class X0Cache(ProbeCache):
         if not self.skipped or self.skipped[-1] != self.step - 1:  # this step computed its blocks
             x0 = alpha * xt - sigma * out.float()
             self.history = (self.history + [(t, x0)])[-2:]
+            return out
+        if self.step - 1 in self.by_residual:  # the head ran on the forecast residual: its output stands
             return out
         t1, x1 = self.history[-1]
         x0 = x1
