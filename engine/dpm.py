@@ -31,8 +31,9 @@ class DPMSteps:
     """The request's steps: `noise(i, ...)` draws step i's noise, `step(i, ...)` makes it."""
 
     def __init__(self, sched, timesteps: list[int]):
-        if sched.config.prediction_type != "v_prediction":
-            raise ValueError("DPMSteps covers CogVideoX's v-prediction only")
+        self.prediction = sched.config.prediction_type
+        if self.prediction not in ("v_prediction", "epsilon", "sample"):
+            raise ValueError(f"unknown prediction type {self.prediction!r}")
         a = sched.alphas_cumprod  # float32 on the CPU, as diffusers' step computes with it
         k = sched.config.num_train_timesteps // sched.num_inference_steps
         self.coefs = []
@@ -56,7 +57,12 @@ class DPMSteps:
              noise: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (the next sample, this step's x0), as `sched.step(v, old_x0, t, back, sample)` returns them."""
         c = self.coefs[i]
-        x0 = c.sqrt_a * sample - c.sqrt_b * v
+        if self.prediction == "v_prediction":  # every CogVideoX checkpoint
+            x0 = c.sqrt_a * sample - c.sqrt_b * v
+        elif self.prediction == "epsilon":
+            x0 = (sample - c.sqrt_b * v) / c.sqrt_a
+        else:
+            x0 = v
         noise = [n.to(sample.device) for n in noise]
         if old_x0 is None or not c.second_order:
             return c.mult[0] * sample - c.mult[1] * x0 + c.noise * noise[0], x0

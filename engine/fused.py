@@ -12,7 +12,6 @@ With `fused_ff` (engine/modes.py) the FF's GELU-tanh also leaves its own pass:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import quant
 from .model import Block

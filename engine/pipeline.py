@@ -258,9 +258,8 @@ class Pipeline:
             scales = [req.guidance_scale] * steps
         positions = self.transformer.positions(frames, h, w, dev)
         ofs = torch.full((1,), 2.0, device=dev, dtype=self.dtype) if cfg.ofs_embed_dim else None
-        is_dpm = type(sched).__name__ == "CogVideoXDPMScheduler"
         # DPM's step, free of host syncs, its noise drawn while the forward runs (engine/dpm.py)
-        dpm = DPMSteps(sched, ts) if is_dpm and sched.config.prediction_type == "v_prediction" else None
+        dpm = DPMSteps(sched, ts) if type(sched).__name__ == "CogVideoXDPMScheduler" else None
         old_x0 = None
         if image is not None and cfg_on:
             image = torch.cat([image, image])
@@ -289,10 +288,6 @@ class Pipeline:
                     v = v_uncond + scales[i] * (v_text - v_uncond)
                 if dpm:
                     latents, old_x0 = dpm.step(i, v, old_x0, latents, noise)
-                elif is_dpm:
-                    prev = ts[i - 1] if i > 0 else None
-                    latents, old_x0 = sched.step(v, old_x0, ts[i], prev, latents, eta=0.0, generator=gen,
-                                                 return_dict=False)
                 else:  # DDIM: the timestep as an int, so that indexing the scheduler's CPU tables needs no sync
                     latents = sched.step(v, ts[i], latents, eta=0.0, generator=gen, return_dict=False)[0]
                 latents = latents.to(self.dtype)

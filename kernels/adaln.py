@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import alloc, quant
+from .quant import e4m3
 
 
 # rows per program and warps for adaln_modulate. A program takes ROWS consecutive rows of one stream of one
@@ -32,7 +33,8 @@ NUM_WARPS = 4
 
 @triton.jit
 def _adaln_modulate_kernel(x_ptr, c_ptr, w_ptr, b_ptr, mod_ptr, out_ptr, s_ptr, Nv, n_text, D, text_tiles, eps,
-                           HAS_AFFINE: tl.constexpr, QUANT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                           HAS_AFFINE: tl.constexpr, QUANT: tl.constexpr, EXACT: tl.constexpr, ROWS: tl.constexpr,
+                           BLOCK: tl.constexpr):
     t = tl.program_id(0)  # tiles [0, text_tiles) hold text rows, the rest video rows
     b = tl.program_id(1)
     is_text = t < text_tiles
@@ -60,8 +62,10 @@ def _adaln_modulate_kernel(x_ptr, c_ptr, w_ptr, b_ptr, mod_ptr, out_ptr, s_ptr, 
     if QUANT:  # row-wise e4m3 with its scale, as kernels/quant.py (the whole row is in this program)
         scale_q = tl.maximum(tl.max(tl.abs(tl.where(m, y, 0.0)), axis=1), 1e-12) / 448.0  # (ROWS,)
         tl.store(s_ptr + at, scale_q, mask=r < n_rows)
-        y = tl.clamp(y / scale_q[:, None], -448.0, 448.0)
-    tl.store(out_ptr + at[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + at[:, None] * D + cols[None, :], e4m3(tl.clamp(y / scale_q[:, None], -448.0, 448.0),
+                                                                 EXACT), mask=m)
+    else:
+        tl.store(out_ptr + at[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -101,14 +105,15 @@ def launch_modulate(x, c, weight, bias, mod, eps, rows: int = ROWS, num_warps: i
     _check(x, c, mod)
     B, Nv, D = x.shape
     Nt = c.shape[1]
-    out = quant.fp8_output((B, Nt + Nv, D), x) if fp8 else alloc.empty((B, Nt + Nv, D), x)
+    out = alloc.empty((B, Nt + Nv, D), x, torch.float8_e4m3fn if fp8 else None)
     scales = alloc.empty((B * (Nt + Nv), 1), x, torch.float32) if fp8 else out
     affine = weight is not None
     text_tiles = triton.cdiv(Nt, rows)
     _adaln_modulate_kernel[(text_tiles + triton.cdiv(Nv, rows), B)](
         x, c, weight if affine else x, bias if affine else x, mod, out, scales, Nv, Nt, D, text_tiles, eps,
-        HAS_AFFINE=affine, QUANT=fp8, ROWS=rows, BLOCK=triton.next_power_of_2(D), num_warps=num_warps)
-    return (quant.finish(out), scales) if fp8 else out
+        HAS_AFFINE=affine, QUANT=fp8, EXACT=quant.INTERPRET, ROWS=rows, BLOCK=triton.next_power_of_2(D),
+        num_warps=num_warps)
+    return (out, scales) if fp8 else out
 
 
 @adaln_modulate.register_fake

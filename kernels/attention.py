@@ -30,6 +30,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 from . import alloc
+from .quant import e4m3
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -47,16 +48,6 @@ LONG = 32768
 CONFIGS_FP8 = {64: (128, 128, 4, 3, 1)}
 _DEFAULT_CONFIG = (64, 64, 4, 2, 1)  # head dims not swept yet
 _INTERPRET_CONFIG = (32, 32, 4, 1, 2)  # split; the tests that set SPLIT = 1 cover the whole tile
-
-
-@triton.jit
-def _e4m3(x, EXACT: tl.constexpr):
-    """x -> e4m3. The interpreter's conversion halves values whose mantissa rounds up into the next power of
-    two, so there (EXACT) x is first rounded to the e4m3 grid by hand; the GPU's conversion is correct."""
-    if EXACT:
-        step = tl.exp2(tl.floor(tl.log2(tl.maximum(tl.abs(x), 0.015625))) - 3.0)  # 2^-6: the subnormal floor
-        x = tl.floor(x / step + 0.5) * step
-    return x.to(tl.float8e4nv)
 
 
 @triton.jit
@@ -91,7 +82,7 @@ def _update(acc, l_i, m_i, q, k, v, start, scale, N: tl.constexpr, BLOCK_N: tl.c
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if LOWP:
-        acc = tl.dot(_e4m3(p, EXACT), v.T, acc)
+        acc = tl.dot(e4m3(p, EXACT), v.T, acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, l_i, m_new
@@ -249,7 +240,7 @@ def _quant_rows_kernel(x_ptr, mean_ptr, out_ptr, scale_ptr, N, sxb, sxh, sxn, H,
         y = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8)  # round half away from zero
     else:
         scale = amax / 448.0
-        y = _e4m3(x / scale, EXACT)
+        y = e4m3(x / scale, EXACT)
     tl.store(out_ptr + (bh * N + rows[:, None]) * HEAD_DIM + cols[None, :], y, mask=ok)
     tl.store(scale_ptr + bh * tl.num_programs(0) + t, scale)
 
@@ -261,7 +252,7 @@ def _quant_v_kernel(v_ptr, mean_ptr, scale_ptr, out_ptr, N, N_PAD, svb, svh, svn
     v, t, bh, rows, cols, ok = _head_tile(v_ptr, N, svb, svh, svn, H, HEAD_DIM, BLOCK)
     v = tl.where(ok, (v - tl.load(mean_ptr + bh * HEAD_DIM + cols)[None, :])
                  / tl.load(scale_ptr + bh * HEAD_DIM + cols)[None, :], 0.0)
-    tl.store(out_ptr + (bh * HEAD_DIM + cols[None, :]) * N_PAD + rows[:, None], _e4m3(v, EXACT))
+    tl.store(out_ptr + (bh * HEAD_DIM + cols[None, :]) * N_PAD + rows[:, None], e4m3(v, EXACT))
 
 
 def _quant_rows(x, mean, blk: int, int8: bool):

@@ -8,9 +8,9 @@ A row fits in one program (up to 16K columns), so its max is taken in registers.
 
 A row of zeros gets the scale 1e-12/448 rather than 0 (torchao divides by 0 there and writes NaN).
 
-Under TRITON_INTERPRET=1 the interpreter's float32 → e4m3 conversion misrounds values just below a power of two
-(127.3 becomes 64), so there the kernel writes the scaled float32 values and torch rounds them: the tests check
-everything but that last cast on the CPU, and the cast itself on the GPU.
+`e4m3` is the cast every quantizing kernel here uses (the attention's too). Under TRITON_INTERPRET=1 the
+interpreter's float32 → e4m3 conversion misrounds values just below a power of two (127.3 becomes 64), so there it
+rounds to the e4m3 grid by hand first.
 """
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ from . import alloc
 E4M3_MAX = 448.0
 MIN_AMAX = 1e-12
 MAX_COLS = 16384
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def e4m3(x, EXACT: tl.constexpr):
+    """x -> e4m3. The interpreter's conversion halves values whose mantissa rounds up into the next power of
+    two, so there (EXACT) x is first rounded to the e4m3 grid by hand; the GPU's conversion is correct."""
+    if EXACT:
+        step = tl.exp2(tl.floor(tl.log2(tl.maximum(tl.abs(x), 0.015625))) - 3.0)  # 2^-6: the subnormal floor
+        x = tl.floor(x / step + 0.5) * step
+    return x.to(tl.float8e4nv)
 
 
 @triton.jit
@@ -34,7 +45,7 @@ def gelu_tanh(v):
 
 
 @triton.jit
-def _fp8_rows_kernel(y_ptr, q_ptr, s_ptr, K, GELU: tl.constexpr, BLOCK: tl.constexpr):
+def _fp8_rows_kernel(y_ptr, q_ptr, s_ptr, K, GELU: tl.constexpr, EXACT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < K
@@ -44,20 +55,7 @@ def _fp8_rows_kernel(y_ptr, q_ptr, s_ptr, K, GELU: tl.constexpr, BLOCK: tl.const
     scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12) / 448.0
     tl.store(s_ptr + row, scale)
     q = tl.clamp(v / scale, -448.0, 448.0)
-    tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=m)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def fp8_output(shape, like: torch.Tensor) -> torch.Tensor:
-    """The buffer a quantizing kernel writes: e4m3, or float32 under the interpreter (rounded by `finish`)."""
-    return alloc.empty(shape, like, torch.float32 if interpreting() else torch.float8_e4m3fn)
-
-
-def finish(q: torch.Tensor) -> torch.Tensor:
-    return q.to(torch.float8_e4m3fn) if q.dtype != torch.float8_e4m3fn else q
+    tl.store(q_ptr + row * K + cols, e4m3(q, EXACT), mask=m)
 
 
 @torch.library.custom_op("cogrt::quant_rows", mutates_args=())
@@ -69,10 +67,11 @@ def quant_rows(y: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]
     if K > MAX_COLS:
         raise ValueError(f"quant_rows takes rows of up to {MAX_COLS} values, got {K}")
     M = y.numel() // K
-    q, s = fp8_output(y.shape, y), alloc.empty((M, 1), y, torch.float32)
+    q, s = alloc.empty(y.shape, y, torch.float8_e4m3fn), alloc.empty((M, 1), y, torch.float32)
     BLOCK = triton.next_power_of_2(K)
-    _fp8_rows_kernel[(M,)](y, q, s, K, GELU=gelu, BLOCK=BLOCK, num_warps=min(16, max(4, BLOCK // 1024)))
-    return finish(q), s
+    _fp8_rows_kernel[(M,)](y, q, s, K, GELU=gelu, EXACT=INTERPRET, BLOCK=BLOCK,
+                           num_warps=min(16, max(4, BLOCK // 1024)))
+    return q, s
 
 
 @quant_rows.register_fake

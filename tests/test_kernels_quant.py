@@ -1,7 +1,7 @@
 """Row-wise fp8 quantization in our kernels (kernels/quant.py, adaln_modulate_fp8) against their native
 references, and the fp8 block that uses them (engine/fused.py, `fused_ff`) against torchao's own path.
-On the CPU the kernels run in Triton's interpreter, whose float32 → e4m3 cast misrounds, so there torch does
-the last cast (kernels/quant.py says why); on a GPU the kernels' own cast is checked, at the 5B shapes."""
+On the CPU the kernels run in Triton's interpreter, where `e4m3` rounds by hand (kernels/quant.py says why); on
+a GPU the hardware cast is checked, at the 5B shapes."""
 import pytest
 import torch
 
