@@ -35,6 +35,8 @@ READ_SWITCH_INTERVAL = 1e-4
 # The untiled decode of 49 x 480 x 720 peaks at 15.4 GB in bf16 (bench/RESULTS.md, "The VAE decode: tiling and
 # cuDNN's algorithm search"); scale from there.
 _DECODE_BYTES_PER_PIXEL_FRAME = 15.4e9 / (49 * 480 * 720) / 2
+# The tiled decode's peak, 4.4 GB in bf16 at any size: tiles of 240 x 360 pixels, two latent frames at a time.
+_TILED_DECODE_BYTES = 4.4e9 / 2
 
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class Pipeline:
         self._lock = threading.Lock()  # one request at a time: LoRA switching edits the shared weights
         self.load_timings: dict[str, float] = {}  # load_pipeline's stages, in seconds
         self.parallel = None  # engine.parallel.Parallel: this rank's place when each video spans several devices
+        self.text_parked = False  # the text encoder waits in host memory because the last decode needed its room
 
     @property
     def cfg(self) -> ModelConfig:
@@ -138,6 +141,9 @@ class Pipeline:
 
         prompts = [req.negative_prompt, req.prompt] if cfg_on else [req.prompt]
         if self.parallel is None or self.parallel.first:
+            if self.text_parked:
+                self.text_encoder.to(self.device)
+                self.text_parked = False
             with self._on_device(self.text_encoder, self.transforms.text_encoder == "offload"):
                 text = self.encode_text(prompts)
         if self.parallel is not None:  # encoded once, on rank 0
@@ -311,6 +317,20 @@ class Pipeline:
         video = self.video_processor.postprocess_video(video=video, output_type="np")[0]  # (F, H, W, 3) in [0, 1]
         return (video * 255).round().astype(np.uint8)
 
+    def _park_text_encoder(self) -> None:
+        """Even the tiled decode does not fit beside the resident weights (a 16 GB GPU, or a memory fraction):
+        the text encoder, idle until the next request, waits in host memory. The next request brings it back,
+        which costs a copy of its weights (bench/RESULTS.md, issue 19)."""
+        if self.text_parked or self.offload or self.transforms.text_encoder == "offload" or (
+                self.parallel is not None and not self.parallel.first):
+            return
+        log.info("GPU memory is short for the VAE decode: the text encoder waits in host memory until the next "
+                 "request")
+        self.text_encoder.to("cpu")
+        self.text_parked = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _configure_vae(self, req: GenerationRequest) -> None:
         tiling = self.vae_tiling
         if tiling is None:  # auto: tile when the untiled decode would not fit in what is free
@@ -320,6 +340,8 @@ class Pipeline:
                 # memory is short: hand the denoise loop's cached blocks back, so that the decode's large
                 # allocations do not fail on a fragmented cache inside a memory fraction (bench/RESULTS.md, issue 19)
                 torch.cuda.empty_cache()
+            if tiling and min(need, _TILED_DECODE_BYTES * self.vae.dtype.itemsize) > free_memory(self.device):
+                self._park_text_encoder()
         if tiling and _tiles_fit(self.vae):
             self.vae.enable_tiling()
         else:

@@ -112,7 +112,7 @@ class Runner:
         self.loras = LoraState(model, write=write, originals=originals,
                                source=originals_source if keep_originals else None)
         self.timings["quantize"] = time.perf_counter() - t0
-        if transforms.attention == "triton-fp8" and model.cfg.head_dim < 32:
+        if transforms.attention.startswith("triton-fp8") and model.cfg.head_dim < 32:
             # int8 tensor-core MMAs take 32 values along the head: tiny test models (d = 16) cannot use them
             log.warning("head_dim %d is too small for the triton-fp8 attention kernel (needs 32+); using the bf16 "
                         "'triton' kernel", model.cfg.head_dim)

@@ -47,7 +47,9 @@ def test_low_precision_backend_is_close_to_math(name, shape):
     q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
     got = attention.attend(q.half(), k.half(), v.half(), name)
     assert got.shape == shape and got.dtype == torch.float16
-    assert rel_err(got, attention.attend(q, k, v, "sdpa-math")) < 4e-2
+    # e4m3 keeps 3 bits of each q and k value where the int8 tiles keep 7: 6.0e-2 on these plain Gaussians
+    # (test_kernels_attention.py bounds it on realistic inputs)
+    assert rel_err(got, attention.attend(q, k, v, "sdpa-math")) < (8e-2 if name == "triton-fp8-e4m3" else 4e-2)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
