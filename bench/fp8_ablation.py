@@ -19,6 +19,7 @@ VARIANTS = {  # name -> load_pipeline's mode and transforms
     "fp8, fp32 accumulation": dict(mode="fp8", fp8_fast_accum=False),
     "fp8, first and last blocks bf16": dict(mode="fp8", keep_blocks=(0, -1)),
     "fp8, bf16 attention": dict(mode="fp8", attention="triton"),
+    "fp8, e4m3 Q·K attention": dict(mode="fp8", attention="triton-fp8-e4m3"),
     "fp8, bf16 T5": dict(mode="fp8", text_encoder="full"),
     "fp8 linear layers only": dict(mode="fp8", attention="triton", text_encoder="full"),
     "exact + fp8 attention only": dict(mode="exact", attention="triton-fp8"),

@@ -35,8 +35,8 @@ READ_SWITCH_INTERVAL = 1e-4
 # The untiled decode of 49 x 480 x 720 peaks at 15.4 GB in bf16 (bench/RESULTS.md, "The VAE decode: tiling and
 # cuDNN's algorithm search"); scale from there.
 _DECODE_BYTES_PER_PIXEL_FRAME = 15.4e9 / (49 * 480 * 720) / 2
-# The tiled decode's peak, 4.4 GB in bf16 at any size: tiles of 240 x 360 pixels, two latent frames at a time.
-_TILED_DECODE_BYTES = 4.4e9 / 2
+# The tiled decode's peak, 4.4 GiB in bf16 at any size: tiles of 240 x 360 pixels, two latent frames at a time.
+_TILED_DECODE_BYTES = 4.4 * 2**30 / 2
 
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,8 @@ class Pipeline:
                 # memory is short: hand the denoise loop's cached blocks back, so that the decode's large
                 # allocations do not fail on a fragmented cache inside a memory fraction (bench/RESULTS.md, issue 19)
                 torch.cuda.empty_cache()
-            if tiling and min(need, _TILED_DECODE_BYTES * self.vae.dtype.itemsize) > free_memory(self.device):
+            # the same margin as above: a 16 GiB cap left 5.0 GiB beside the weights, and the tiled decode failed
+            if tiling and min(need, _TILED_DECODE_BYTES * self.vae.dtype.itemsize) > 0.8 * free_memory(self.device):
                 self._park_text_encoder()
         if tiling and _tiles_fit(self.vae):
             self.vae.enable_tiling()
