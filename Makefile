@@ -23,10 +23,11 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-# lint-imports checks the layers (pyproject.toml's contracts) before the suite runs
+# lint-imports checks the layers (pyproject.toml's contracts) before the suite runs. Two pytest-xdist workers: much
+# of the suite waits on processes it starts (Ray replicas, torchrun ranks, CLI children) while one core idles.
 test: install
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q --timeout=900
+	$(PY) -m pytest -q --timeout=900 -n 2 --dist loadgroup
 
 # The demo runs the bundled tiny model (models/cogrt-tiny); without it, a random-weight one from the presets.
 demo: install

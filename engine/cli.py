@@ -158,7 +158,8 @@ def add_mode_args(p) -> None:
                         "without fp8. On a GPU every mode also fuses the norm kernels and compiles the blocks")
     p.add_argument("--quant", choices=(*QUANTS, "none"), default=None, help="override the mode's quantization")
     p.add_argument("--attention", default=None,
-                   help="attention backend: sdpa, triton, triton-fp8 (int8 Q·K, fp8 P·V), auto, sage, flash-attn, ...")
+                   help="attention backend: sdpa, triton, triton-fp8 (int8 Q·K, fp8 P·V), triton-fp8-e4m3 (e4m3 Q·K: "
+                        "4%% faster at 5B, 3 dB lower PSNR on the bundled model), auto, sage, flash-attn, ...")
     p.add_argument("--fused-norms", dest="fused_norms", action="store_true", default=None,
                    help="run the blocks' adaLN, QK norm + RoPE and residual passes through the Triton kernels")
     p.add_argument("--no-fused-norms", dest="fused_norms", action="store_false")

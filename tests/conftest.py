@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, or their OpenMP threads
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # spin against each other (set before torch loads OpenMP)
+
 import pytest
 import torch
 
@@ -15,11 +18,18 @@ from serving_cases import ray_serve  # noqa: F401,E402  (one local Ray for every
 VARIANTS = ("2b", "5b", "5b-i2v", "1.5-5b", "1.5-5b-i2v")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the xdist_group marks added here
 def pytest_collection_modifyitems(config, items):
-    # the modules on the session's local Ray run last: once started, Ray and Serve keep about a sixth of a core
-    # busy until the session ends, which the CPU-bound tests after them would pay for (measured on 2 cores)
+    # In one process the modules on the session's local Ray run last: once started, Ray and Serve keep about a
+    # sixth of a core busy until the session ends, which the CPU-bound tests after them would pay for (measured on
+    # 2 cores). Under pytest-xdist (`make test`: --dist loadgroup) they are one group, run by one worker, with one
+    # local Ray; that group is the longest unit of work, so it goes first, beside the other worker's tests.
     ray_modules = {item.module for item in items if "ray_serve" in getattr(item, "fixturenames", ())}
-    items.sort(key=lambda item: item.module in ray_modules)  # stable: each part keeps its order
+    ray_first = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    items.sort(key=lambda item: (item.module in ray_modules) != ray_first)  # stable: each part keeps its order
+    for item in items:
+        if item.module in ray_modules:
+            item.add_marker(pytest.mark.xdist_group("ray"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
