@@ -341,7 +341,7 @@ def test_playground_in_a_real_browser(svc, browser, tmp_path):
 
 def test_a_killed_replica_mid_job_is_replaced_and_the_job_retried(svc):
     import ray
-    vid = svc.create(num_inference_steps=60, size="128x128").json()["id"]
+    vid = svc.create(num_inference_steps=30, size="128x128").json()["id"]
     v = svc.wait(vid, until=("in_progress",))
     with svc.client() as c:
         for _ in range(200):

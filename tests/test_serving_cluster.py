@@ -40,7 +40,7 @@ def test_replicas_follow_the_backlog_from_zero_up_and_down(ray_serve, tmp_path):
             assert c.get("/readyz").status_code == 503  # no replica warmed up
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        ids = [svc.create(num_inference_steps=25, seed=i).json()["id"] for i in range(9)]
+        ids = [svc.create(num_inference_steps=12, seed=i).json()["id"] for i in range(9)]
         done = [svc.wait(i, timeout=400) for i in ids]
         assert [d["status"] for d in done] == ["completed"] * 9
         wait = done[0]["cogrt"]["timings"]["queue_wait"]
@@ -142,7 +142,7 @@ def test_a_replica_over_two_ranks(ray_serve, tmp_path):
         v = svc.wait(svc.create(seed=5).json()["id"])  # (its frames are one process's: tests/test_parallel.py)
         assert v["status"] == "completed" and v["cogrt"]["frames"] == 9
 
-        vid = svc.create(num_inference_steps=40).json()["id"]
+        vid = svc.create(num_inference_steps=24).json()["id"]
         with svc.client() as c:
             for _ in range(600):
                 if c.get(f"/v1/videos/{vid}").json()["progress"] > 10:
