@@ -23,11 +23,12 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-# lint-imports checks the layers (pyproject.toml's contracts) before the suite runs. Two pytest-xdist workers: much
-# of the suite waits on processes it starts (Ray replicas, torchrun ranks, CLI children) while one core idles.
+# lint-imports checks the layers (pyproject.toml's contracts) before the suite runs. Three pytest-xdist workers, even
+# on 2 cores: much of the suite waits on processes it starts (Ray replicas, torchrun ranks, CLI children). On a
+# 2-core machine one process took 1,164 s, two workers 942 s and three 878 s (tests/conftest.py groups the Ray tests).
 test: install
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q --timeout=900 -n 2 --dist loadgroup
+	$(PY) -m pytest -q --timeout=900 -n 3 --dist loadgroup
 
 # The demo runs the bundled tiny model (models/cogrt-tiny); without it, a random-weight one from the presets.
 demo: install
