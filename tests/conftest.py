@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, or their OpenMP threads
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # spin against each other (set before torch loads OpenMP)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # xdist's workers share the cores: one OpenMP thread each, so that their
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # thread pools do not oversubscribe them (set before torch loads)
 
 import pytest
 import torch
