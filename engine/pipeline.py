@@ -324,8 +324,7 @@ class Pipeline:
         if self.text_parked or self.offload or self.transforms.text_encoder == "offload" or (
                 self.parallel is not None and not self.parallel.first):
             return
-        log.info("GPU memory is short for the VAE decode: the text encoder waits in host memory until the next "
-                 "request")
+        log.info("memory is short for the VAE decode: the text encoder waits in host memory until the next request")
         self.text_encoder.to("cpu")
         self.text_parked = True
         if self.device.type == "cuda":
