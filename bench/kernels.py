@@ -226,7 +226,7 @@ def main(argv=None):
                 copy_gb_s=copy_bandwidth(), inputs="random, realistic_qkv (LayerNorm rows, outlier channels, K offset)")
     print(json.dumps(meta), flush=True)
     backends = ["sdpa", "sdpa-flash", "triton", "triton-fp8"] + [
-        b for b in ("sage", "flash-attn", "cudnn-fp8") if b in attention.available()]
+        b for b in ("sage", "flash-attn", "flash-attn-4", "cudnn-fp8") if b in attention.available()]
     if "cudnn-fp8" in backends:
         import cudnn
         meta.update(cudnn=cudnn.backend_version(), cudnn_frontend=cudnn.__version__)

@@ -54,7 +54,10 @@ VARIANT_ROWS = {"fp8-keep-ends": ("fp8", {"keep_blocks": (0, -1)}),
                 "exact-unfused-ff": ("exact", {"fused_ff": False}),
                 "fp8-unfused-ff": ("fp8", {"fused_ff": False}),
                 # Q·Kᵀ in e4m3 instead of int8 (engine/attention.py): faster, about twice the attention's error
-                "fp8-e4m3-attention": ("fp8", {"attention": "triton-fp8-e4m3"})}
+                "fp8-e4m3-attention": ("fp8", {"attention": "triton-fp8-e4m3"}),
+                # our own attention kernels where FlashAttention 4 is installed (and the modes take it): the A/B
+                "exact-triton-attention": ("exact", {"attention": "triton"}),
+                "fp8-int8-attention": ("fp8", {"attention": "triton-fp8"})}
 ROWS = DIFFUSERS_ROWS + modes.MODES + tuple(VARIANT_ROWS)
 SIZES = {"cogvideox-2b": (49, 480, 720), "cogvideox-5b": (49, 480, 720), "cogvideox1.5-5b": (81, 768, 1360)}
 PROMPT = "a panda playing guitar in a bamboo forest, sunlight through the leaves"

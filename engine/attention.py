@@ -6,9 +6,12 @@ q, k, v of shape (B, H, N, d).
 - `sdpa` (the default; cuDNN first on the GPU), `sdpa-flash`, `sdpa-math` (the reference): PyTorch's own.
 - `triton` (bf16/fp16) and `triton-fp8` (int8 Q·Kᵀ, fp8 P·V): our kernels (cogrt.kernels.attention). The
   engine registers them here; the kernels know nothing of the engine.
-- `sage` (the `sageattention` package) and `flash-attn` (the `flash_attn` package): where installed.
+- `sage` (the `sageattention` package), `flash-attn` (FlashAttention 2, the `flash_attn` package) and
+  `flash-attn-4` (FlashAttention 4, `flash_attn.cute` from the `flash-attn-4` package, Hopper and newer): where
+  installed. On the H200 at the 5B shape FlashAttention 4 is the fastest exact kernel we have measured (14.2 ms a
+  call against 17.2 for ours and 18.6 for cuDNN), so the modes take it wherever it is installed (engine/modes.py).
 - `cudnn-fp8`: cuDNN's fp8 attention through the `cudnn` package (nvidia-cudnn-frontend), where installed.
-- `auto`: on a GPU, the fastest of the full-precision backends (sdpa, triton, flash-attn) whose output
+- `auto`: on a GPU, the fastest of the full-precision backends (sdpa, triton, flash-attn, flash-attn-4) whose output
   stays within 1e-2 of sdpa's, timed once per shape at its first call; elsewhere sdpa. The low-precision
   ones are never picked by `auto`: they are chosen by name, by the fp8 mode.
 """
@@ -34,16 +37,20 @@ def register(name: str):
 
 # backends from other packages, registered when their module is imported at first use: name -> that module
 _LAZY = {"sage": "cogrt.engine.attention_external", "flash-attn": "cogrt.engine.attention_external",
-         "cudnn-fp8": "cogrt.engine.attention_cudnn"}
+         "flash-attn-4": "cogrt.engine.attention_external", "cudnn-fp8": "cogrt.engine.attention_cudnn"}
 # the package each optional backend needs
 _PACKAGE = {"triton": "triton", "triton-fp8": "triton", "triton-fp8-e4m3": "triton", "sage": "sageattention",
-            "flash-attn": "flash_attn", "cudnn-fp8": "cudnn"}
+            "flash-attn": "flash_attn.flash_attn_interface", "flash-attn-4": "flash_attn.cute", "cudnn-fp8": "cudnn"}
+# FlashAttention 2 and 4 share the `flash_attn` top-level name (4 installs only `flash_attn.cute`), so each is
+# recognised by its own module. Both backends need a GPU of at least this compute capability.
+_MIN_CAPABILITY = {"cudnn-fp8": (9, 0), "flash-attn-4": (9, 0)}
 
 
 def get_backend(name: str) -> Backend:
     if name in _PACKAGE and not _installed(name):
-        raise ValueError(f"attention backend {name!r} needs the {_PACKAGE[name]!r} package (and cudnn-fp8 a Hopper "
-                         f"GPU), which this machine lacks; available: {', '.join(available())}")
+        raise ValueError(f"attention backend {name!r} needs the {_PACKAGE[name]!r} module (and cudnn-fp8 and "
+                         f"flash-attn-4 a Hopper or newer GPU), which this machine lacks; available: "
+                         f"{', '.join(available())}")
     if name not in _BACKENDS and name in _LAZY:
         import importlib
         importlib.import_module(_LAZY[name])  # registers itself
@@ -57,12 +64,21 @@ def available() -> list[str]:
     return sorted(n for n in set(_BACKENDS) | set(_PACKAGE) if _installed(n))
 
 
-def _installed(name: str) -> bool:
+def has_module(module: str) -> bool:
+    """Whether `module` (dotted names too) can be imported, without importing it (only its parents)."""
     from importlib.util import find_spec
-    if name == "cudnn-fp8" and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)):
-        return False  # cuDNN's fp8 attention runs on Hopper and newer only
+    try:
+        return find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent that is missing, or is not a package
+        return False
+
+
+def _installed(name: str) -> bool:
+    need = _MIN_CAPABILITY.get(name)
+    if need and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= need):
+        return False
     if name in _PACKAGE:
-        return find_spec(_PACKAGE[name]) is not None
+        return has_module(_PACKAGE[name])
     return name in _BACKENDS
 
 
@@ -133,7 +149,7 @@ def triton_fp8_e4m3(q, k, v):
     return sage_attention(q, k, v, "fp8")
 
 # ---------------------------------------------------------------------------------------------------------
-AUTO_CANDIDATES = ("sdpa", "triton", "flash-attn")
+AUTO_CANDIDATES = ("sdpa", "triton", "flash-attn", "flash-attn-4")
 LOW_PRECISION = ("triton-fp8", "triton-fp8-e4m3", "sage", "cudnn-fp8")  # quantized inputs: close to the others, not equal
 AUTO_TOLERANCE = 1e-2  # relative error against sdpa's output, on the call's own inputs
 _auto_choice: dict[tuple, str] = {}

@@ -159,7 +159,8 @@ def add_mode_args(p) -> None:
     p.add_argument("--quant", choices=(*QUANTS, "none"), default=None, help="override the mode's quantization")
     p.add_argument("--attention", default=None,
                    help="attention backend: sdpa, triton, triton-fp8 (int8 Q·K, fp8 P·V), triton-fp8-e4m3 (e4m3 Q·K: "
-                        "4%% faster at 5B, 3 dB lower PSNR on the bundled model), auto, sage, flash-attn, ...")
+                        "4%% faster at 5B, 3 dB lower PSNR on the bundled model), flash-attn-4 (FlashAttention 4, "
+                        "the modes' choice where installed), auto, sage, flash-attn, ...")
     p.add_argument("--fused-norms", dest="fused_norms", action="store_true", default=None,
                    help="run the blocks' adaLN, QK norm + RoPE and residual passes through the Triton kernels")
     p.add_argument("--no-fused-norms", dest="fused_norms", action="store_false")

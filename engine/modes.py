@@ -6,10 +6,15 @@ The runner (engine/runner.py) applies the transforms in one order: LoRA fuse →
 | mode               | linear layers          | attention                | step cache   | T5          | VAE  |
 |--------------------|------------------------|--------------------------|--------------|-------------|------|
 | `exact`            | model dtype (bf16)     | fastest exact backend    | off          | model dtype | auto |
-| `fp8`              | fp8 row-wise dynamic   | `triton-fp8`             | off          | int8 (w)    | auto |
-| `fast`             | fp8 row-wise dynamic   | `triton-fp8`             | `fast` level | int8 (w)    | auto |
+| `fp8`              | fp8 row-wise dynamic   | FA4, else `triton-fp8`   | off          | int8 (w)    | auto |
+| `fast`             | fp8 row-wise dynamic   | FA4, else `triton-fp8`   | `fast` level | int8 (w)    | auto |
 | `int8-dynamic`     | int8 dynamic           | fastest exact backend    | off          | int8 (w)    | auto |
 | `int8-weight-only` | int8 weight-only       | fastest exact backend    | off          | int8 (w)    | auto |
+
+The fastest exact backend on Hopper and newer is FlashAttention 4 (`flash-attn-4`) where its package is installed
+(`pip install 'cogrt[fa4]'`), else our `triton` kernel; elsewhere PyTorch's SDPA. FA4 is also faster than our
+low-precision `triton-fp8` (14.2 against 16.0 ms a call at 5B on the H200, bench/RESULTS.md), so `fp8` and `fast` take
+it too where it is installed: their attention is then exact, and only their linear layers are quantized.
 
 `fast`'s step cache: the calibrated cache (probe or x0, as step_cache.json names it) at the model's `fast` level
 (engine/caches/, `cogrt calibrate-cache --levels`) where its folder has one, else TeaCache at threshold 0.2 (the published fit for the
@@ -81,6 +86,16 @@ def has_tma(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def default_attention(device: torch.device, quant: str | None) -> str:
+    """The attention backend a mode gets: see the module docstring's table."""
+    from . import attention
+    if not has_tma(device):
+        return "sdpa"
+    if "flash-attn-4" in attention.available():
+        return "flash-attn-4"
+    return "triton-fp8" if quant == "fp8" else "triton"
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -97,10 +112,9 @@ def transforms_for(mode: str, device: torch.device, **overrides) -> Transforms:
         name = torch.cuda.get_device_name(device) if gpu else "the CPU"
         raise ValueError(f"mode {mode!r} needs a GPU with fp8 tensor cores (compute capability 8.9+: Ada, Hopper, "
                          f"Blackwell); this is {name}. Use mode 'int8-dynamic' or 'int8-weight-only' (or 'exact')")
-    exact_attention = "triton" if has_tma(device) else "sdpa"
     t = Transforms(
         quant=quant,
-        attention=("triton-fp8" if has_tma(device) else "sdpa") if quant == "fp8" else exact_attention,
+        attention=default_attention(device, quant),
         fused_norms=gpu,
         fused_ff=gpu,
         compile=gpu,

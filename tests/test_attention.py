@@ -23,8 +23,11 @@ def reference(q, k, v):
     return (w @ v.double()).float()
 
 
-EXACT = [b for b in BACKENDS if b not in attention.LOW_PRECISION]
-LOW = [b for b in BACKENDS if b in attention.LOW_PRECISION]
+# the backends that run on CPU tensors here (FlashAttention 4 and cuDNN's fp8 need CUDA bf16 inputs: their GPU tests
+# are in test_kernels_attention.py)
+ON_CPU = [b for b in BACKENDS if b not in ("flash-attn-4", "cudnn-fp8")]
+EXACT = [b for b in ON_CPU if b not in attention.LOW_PRECISION]
+LOW = [b for b in ON_CPU if b in attention.LOW_PRECISION]
 
 
 
@@ -52,7 +55,7 @@ def test_low_precision_backend_is_close_to_math(name, shape):
     assert rel_err(got, attention.attend(q, k, v, "sdpa-math")) < (8e-2 if name == "triton-fp8-e4m3" else 4e-2)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", ON_CPU)
 def test_model_with_backend_matches_sdpa(checkpoint, name):
     low = name in attention.LOW_PRECISION
     model = load_transformer(checkpoint("5b") / "transformer")
@@ -120,3 +123,50 @@ def test_cudnn_fp8_is_a_custom_op_that_traces():
         assert "cudnn-fp8" not in attention.available()
         with pytest.raises(ValueError, match="Hopper"):
             torch.ops.cogrt.cudnn_fp8_attention(*(torch.randn(1, 1, 8, 64) for _ in range(3)))
+
+
+def test_flash_attention_2_and_4_are_told_apart(tmp_path, monkeypatch):
+    """FlashAttention 4 installs only `flash_attn.cute` under the `flash_attn` name that FlashAttention 2 owns: a
+    machine with 4 alone must not offer `flash-attn` (whose import would fail mid-request), and the reverse."""
+    import sys
+    from importlib import invalidate_caches
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")  # 4's layout: no flash_attn/__init__.py
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    invalidate_caches()
+    assert attention.has_module("flash_attn.cute")
+    assert not attention.has_module("flash_attn.flash_attn_interface")
+    assert not attention.has_module("no_such_package.cute")  # a missing parent is an answer, not an error
+    assert "flash-attn" not in attention.available()
+    if not GPU_HOPPER:  # 4 also needs a Hopper or newer GPU
+        assert "flash-attn-4" not in attention.available()
+        with pytest.raises(ValueError, match="Hopper"):
+            attention.get_backend("flash-attn-4")
+
+
+def test_flash_attention_4_is_a_custom_op_that_traces():
+    """The compiled blocks trace fullgraph around FlashAttention 4: our op's fake form gives the (B, H, N, d) view
+    of a contiguous (B, N, H, d), as the real call returns, so the out-projection's reshape stays a view."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from cogrt.engine import attention_external  # noqa: F401  (defines the op)
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 263, 64, dtype=torch.bfloat16)
+        out = torch.ops.cogrt.flash_attention_4(q, q, q)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert out.transpose(1, 2).is_contiguous()
+
+
+def test_modes_take_flash_attention_4_where_it_is_installed(monkeypatch):
+    """FlashAttention 4 is faster than both our kernels on Hopper (bench/RESULTS.md), so every mode takes it where
+    it is installed; without it, exact gets `triton` and the fp8 modes `triton-fp8`; without Hopper, SDPA."""
+    from cogrt.engine import modes
+    cuda = torch.device("cuda")
+    assert modes.default_attention(torch.device("cpu"), None) == "sdpa"
+    monkeypatch.setattr(modes, "has_tma", lambda device: device.type == "cuda")
+    for installed, exact, fp8 in [(False, "triton", "triton-fp8"), (True, "flash-attn-4", "flash-attn-4")]:
+        names = ["sdpa", "triton", "triton-fp8"] + (["flash-attn-4"] if installed else [])
+        monkeypatch.setattr(attention, "available", lambda names=names: names)
+        assert (modes.default_attention(cuda, None), modes.default_attention(cuda, "fp8")) == (exact, fp8)

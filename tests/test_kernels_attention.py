@@ -172,3 +172,42 @@ def test_cudnn_fp8_block_compiles_whole():
         out = torch.compile(block, fullgraph=True)(x, c, temb, (cos, sin))
     for a, b in zip(out, ref):
         assert rel(a, b) < 2e-2
+
+
+@pytest.mark.gpu
+def test_flash_attention_4_on_realistic_inputs():
+    """FlashAttention 4 (the modes' attention where installed) within bf16's error of fp32 math at the 2B shape,
+    at an N that no tile divides, and on the strided views of the fused qkv that the block passes."""
+    pytest.importorskip("flash_attn.cute")
+    if "flash-attn-4" not in attention.available():
+        pytest.skip("FlashAttention 4 needs a Hopper or newer GPU")
+    for heads, N in [(30, 17550 + 226), (3, 226 + 37)]:
+        q, k, v = realistic_qkv(2, heads, N, 64, seed=N, device=DEV, dtype=torch.bfloat16)
+        assert sampled_error(attention.attend(q, k, v, "flash-attn-4"), q, k, v) < 1e-2
+    q, k, v = as_projection_views(*realistic_qkv(2, 3, 263, 64, seed=2, device=DEV, dtype=torch.bfloat16))
+    assert not q.is_contiguous()
+    out = attention.attend(q, k, v, "flash-attn-4")
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    assert rel(out, attention.attend(q, k, v, "sdpa")) < 1e-2
+
+
+@pytest.mark.gpu
+def test_flash_attention_4_block_compiles_whole():
+    """FlashAttention 4 sits in our custom op: inductor compiles the block fullgraph around it, and agrees with
+    eager SDPA."""
+    pytest.importorskip("flash_attn.cute")
+    if "flash-attn-4" not in attention.available():
+        pytest.skip("FlashAttention 4 needs a Hopper or newer GPU")
+    from cogrt.engine.model import PRESETS, Block, rope_3d
+    cfg = PRESETS["tiny-5b"]
+    block = Block(cfg).to(DEV, torch.bfloat16).eval()
+    cos, sin = rope_3d(cfg, 2, 4, 6, DEV)  # 48 video tokens
+    g = torch.Generator().manual_seed(0)
+    x, c = (torch.randn(2, n, cfg.dim, generator=g).to(DEV, torch.bfloat16) for n in (48, 7))
+    temb = torch.randn(2, cfg.time_embed_dim, generator=g).to(DEV, torch.bfloat16)
+    with torch.no_grad():
+        ref = block(x, c, temb, (cos, sin))
+        block.attend = attention.Attention("flash-attn-4")
+        out = torch.compile(block, fullgraph=True)(x, c, temb, (cos, sin))
+    for a, b in zip(out, ref):
+        assert rel(a, b) < 2e-2
