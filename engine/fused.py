@@ -5,9 +5,9 @@ With `fused_ff` (engine/modes.py) the FF's GELU-tanh also leaves its own pass:
 - in the model dtype, on a GPU, into the first FF GEMM's epilogue (cuBLASLt's GELU, through
   `torch._addmm_activation`), where Inductor runs it as a separate kernel (25 ms a 5B step);
 - in fp8, into the row-wise quantization of its output (kernels/quant.py), and the adaLN kernels quantize the
-  inputs of `qkv` and `ff1` as they write them: the three layers then take e4m3 rows straight to
-  torch._scaled_mm, and torchao's own activation quantization (about 100 ms a 5B step in Inductor's kernels)
-  is left only for `out`, whose input comes from the attention.
+  inputs of `qkv` and `ff1` as they write them; the attention's output goes through the same row quantization
+  (without the GELU) for `out`. The four layers then take e4m3 rows straight to torch._scaled_mm, and torchao's own
+  activation quantization (about 100 ms a 5B step in Inductor's kernels) is left out of the fused block.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from . import quant
 from .model import Block
 
-FP8_FUSED = ("qkv", "ff1", "ff2")  # the fp8 layers whose input our kernels quantize
+FP8_FUSED = ("qkv", "out", "ff1", "ff2")  # the fp8 layers whose input our kernels quantize
 
 
 class FusedBlock(Block):
@@ -43,12 +43,15 @@ class FusedBlock(Block):
         q, k = qk.qk_norm_rope(qkv, self.heads, n, self.norm_q.weight, self.norm_q.bias, self.norm_k.weight,
                                self.norm_k.bias, cos, sin, self.norm_q.eps)
         v = qkv.view(B, N, 3, self.heads, -1)[:, :, 2].transpose(1, 2)  # (B, H, N, d), a strided view
-        o = self.attend(q, k, v)
-        a = self.out(o.transpose(1, 2).reshape(B, N, D))
+        o = self.attend(q, k, v).transpose(1, 2).reshape(B, N, D)  # a view where the backend wrote (B, N, H, d)
+        if self.fp8:
+            from cogrt.kernels.quant import quant_rows
+            a = self.fp8_linear("out", *quant_rows(o, False), x.dtype).view(B, N, D)
+        else:
+            a = self.out(o)
         x, c = adaln.gated_residual(x, c, a, mod)
         mod = self.norm2(temb).contiguous()
         if self.fp8:
-            from cogrt.kernels.quant import quant_rows
             y = self.fp8_linear("ff1", *adaln.adaln_modulate_fp8(x, c, self.ln2.weight, self.ln2.bias, mod,
                                                                  self.ln2.eps), x.dtype)
             f = self.fp8_linear("ff2", *quant_rows(y, True), x.dtype).view(B, N, D)

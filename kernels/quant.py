@@ -40,8 +40,10 @@ def e4m3(x, EXACT: tl.constexpr):
 
 @triton.jit
 def gelu_tanh(v):
-    # 0.5·v·(1 + tanh(u)) = v·sigmoid(2u), u = √(2/π)·(v + 0.044715·v³)
-    return v * tl.sigmoid(2.0 * 0.7978845608028654 * (v + 0.044715 * v * v * v))
+    # 0.5·v·(1 + tanh(u)) = v·sigmoid(2u) = v / (1 + 2^(-2u·log2 e)), u = √(2/π)·(v + 0.044715·v³). The division is
+    # the hardware's fast one (2 ulp): e4m3 keeps 3 bits, and the IEEE division took most of this kernel's time.
+    z = -2.0 * 0.7978845608028654 * 1.4426950408889634 * (v + 0.044715 * v * v * v)
+    return v * tl.math.fdiv(1.0, 1.0 + tl.math.exp2(z), ieee_rounding=False)
 
 
 @triton.jit
@@ -52,9 +54,9 @@ def _fp8_rows_kernel(y_ptr, q_ptr, s_ptr, K, GELU: tl.constexpr, EXACT: tl.const
     v = tl.load(y_ptr + row * K + cols, mask=m, other=0.0).to(tl.float32)
     if GELU:
         v = gelu_tanh(v)
-    scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12) / 448.0
-    tl.store(s_ptr + row, scale)
-    q = tl.clamp(v / scale, -448.0, 448.0)
+    amax = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12)
+    tl.store(s_ptr + row, amax / 448.0)
+    q = tl.clamp(v * (448.0 / amax), -448.0, 448.0)  # one division a row, not one a value
     tl.store(q_ptr + row * K + cols, e4m3(q, EXACT), mask=m)
 
 

@@ -97,7 +97,7 @@ def test_fp8_block_with_our_quantization_matches_torchao(fp8_anywhere):
         assert model.blocks[0].fp8 is None
         ref = model.blocks[0](*args)
         fuse_norms(model, True, fused_ff=True)
-        assert set(model.blocks[0].fp8) == {"qkv", "ff1", "ff2"}  # the fused path is the one that runs
+        assert set(model.blocks[0].fp8) == {"qkv", "out", "ff1", "ff2"}  # the fused path is the one that runs
         out = model.blocks[0](*args)
     for a, r, before in zip(out, ref, args[:2]):  # compared on the block's update to each stream
         assert not a.isnan().any() and (r - before).norm() > 0.1 * before.norm()
