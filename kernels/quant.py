@@ -72,7 +72,7 @@ def quant_rows(y: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]
     q, s = alloc.empty(y.shape, y, torch.float8_e4m3fn), alloc.empty((M, 1), y, torch.float32)
     BLOCK = triton.next_power_of_2(K)
     _fp8_rows_kernel[(M,)](y, q, s, K, GELU=gelu, EXACT=INTERPRET, BLOCK=BLOCK,
-                           num_warps=min(16, max(4, BLOCK // 1024)))
+                           num_warps=min(8, max(4, BLOCK // 2048)))
     return q, s
 
 
