@@ -144,6 +144,24 @@ def adaln_sweep():
           f"warps={adaln.NUM_WARPS})", flush=True)
 
 
+def quant_rows_sweep():
+    """Warps for the fp8 row quantization (kernels/quant.py) at the 5B rows: the FF's GELU output (12,288 wide) and
+    the attention's output (3,072), B=2 × 17,776 tokens; GB/s of compulsory traffic (bf16 in, e4m3 out)."""
+    import triton
+
+    from cogrt.kernels import quant
+    M = 2 * (17550 + 226)
+    for gelu, K in [(True, 4 * 3072), (False, 3072)]:
+        y = (torch.randn(M, K, device="cuda") * 2).to(torch.bfloat16)
+        q = torch.empty(M, K, device="cuda", dtype=torch.float8_e4m3fn)
+        s = torch.empty(M, 1, device="cuda")
+        for warps in (4, 8, 16, 32):
+            ms = bench_ms(lambda: quant._fp8_rows_kernel[(M,)](y, q, s, K, GELU=gelu, EXACT=False,
+                                                               BLOCK=triton.next_power_of_2(K), num_warps=warps))
+            print(f"sweep quant_rows K={K} gelu={gelu} warps={warps}: {ms * 1e3:.1f} us, "
+                  f"{3 * M * K / ms / 1e6:.0f} GB/s", flush=True)
+
+
 def rope_tables():
     """The 5B RoPE tables at 49 x 480 x 720 (13 x 30 x 45 patches), as the QK prologue takes them."""
     from cogrt.engine.model import PRESETS, rope_3d
@@ -236,6 +254,7 @@ def main(argv=None):
     if (args.sweep or args.sweep_fused) and not args.no_fused:
         prologue_sweep()
         adaln_sweep()
+        quant_rows_sweep()
     attn = []
     for name in args.shapes.split(","):
         attn += attention_rows(name, backends, qk_fp8=name.startswith("5B"))
