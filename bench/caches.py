@@ -238,10 +238,10 @@ def run(model=MODEL, n: int = 32, calib: int = 2, targets=TARGETS, names=None, d
         from cogrt.engine.caches import LEVELS_FILE, level_cache, read_levels
         lv = read_levels(Path(model) / LEVELS_FILE)
         for name in levels:
-            th = lv["thresholds"][name]
-            make = lambda n_steps, th=th: level_cache(lv["kind"], th, n_steps, lv["order"])  # noqa: E731
+            th, kind, order = lv["thresholds"][name], lv["kinds"][name], lv["orders"][name]
+            make = lambda n_steps, th=th, kind=kind, order=order: level_cache(kind, th, n_steps, order)  # noqa: E731
             vids = [our.video(make, p, i) for i, p in enumerate(prompts)]
-            rows.append(summarize(f"cogrt-{lv['kind']}, level {name}", None, th, vids, ref_ours, scenes, score))
+            rows.append(summarize(f"cogrt-{kind}, level {name}", None, th, vids, ref_ours, scenes, score))
             r = rows[-1]
             log(f"level {name}: {r['steps_frac']:.0%} of steps: {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}", flush=True)
     return dict(rows=rows, skipped=skipped, reference_parity_db=parity, n=n, calib=calib, targets=list(targets),

@@ -109,6 +109,11 @@ def add_commands(sub) -> None:
     k.add_argument("--margin-db", type=float, default=0.0,
                    help="calibrate each level to its PSNR target plus this much (--levels): room for prompts the "
                         "calibration did not see, where a cache's quality falls off steeply")
+    k.add_argument("--only", default=None,
+                   help="with --levels: calibrate only these comma-separated levels (e.g. fast)")
+    k.add_argument("--merge", action="store_true",
+                   help="with --levels: keep the other levels of an existing --levels-out file, each with the cache kind "
+                        "it was calibrated for, so that each level can use the cache that serves it best")
     k.add_argument("--kind", choices=("probe", "x0"), default=None,
                    help="with --levels: the cache they are for (default probe; x0: a skipped step's output forecast "
                         "in log-SNR)")
@@ -264,8 +269,8 @@ def cmd_calibrate_cache(a) -> int:
 
     from .pipeline import load_pipeline
     from .calibrate import DEFAULT_PROMPTS, calibrate
-    if a.kind and not a.levels:
-        raise ValueError("--kind names the cache that --levels calibrates; TeaCache's fit (without --levels) has none")
+    if (a.kind or a.only or a.merge) and not a.levels:
+        raise ValueError("--kind, --only and --merge are for --levels; TeaCache's fit (without --levels) has none")
     from .video import atomic_write
 
     prompts = DEFAULT_PROMPTS
@@ -275,10 +280,17 @@ def cmd_calibrate_cache(a) -> int:
     kw = dict(loras=tuple(a.lora), image=a.image, num_frames=a.frames, height=a.height, width=a.width,
               guidance_scale=a.guidance)
     if a.levels:
+        from .caches import LEVELS, merge_levels
         from .calibrate import calibrate_levels
+        only = a.only.split(",") if a.only else list(LEVELS)
+        if set(only) - set(LEVELS):
+            raise ValueError(f"unknown levels {sorted(set(only) - set(LEVELS))}; valid: {', '.join(LEVELS)}")
+        old = json.loads(Path(a.levels_out).read_text()) if a.merge and Path(a.levels_out).is_file() else None
         out = calibrate_levels(pipe, prompts, steps=a.steps, kind=a.kind or "probe", seed=a.seed, iters=a.iters, log=print,
-                               margin_db=a.margin_db, **kw)
+                               margin_db=a.margin_db, targets={k: LEVELS[k] for k in only}, **kw)
         out = {"model": str(_model(a)), "loras": [list(x) for x in a.lora], **out}
+        if old is not None:
+            out = merge_levels(old, out)
         path = atomic_write(a.levels_out, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
         print(f"wrote {path}: " + ", ".join(f"{k} threshold {v['threshold']:.4g} ({v['psnr_db']:.1f} dB, "
                                               f"{v['steps_frac']:.0%} of steps)" for k, v in out["levels"].items()))

@@ -93,3 +93,34 @@ def test_kind_needs_levels(capsys):
     from cogrt.engine.cli import main
     assert main(["calibrate-cache", "--kind", "x0"]) == 2
     assert "--levels" in capsys.readouterr().err
+
+
+def test_each_level_can_name_its_own_kind(tmp_path):
+    """A levels file merged from two calibrations (`calibrate-cache --levels --merge`) serves each level with the
+    cache it was calibrated for; a raw threshold gets the file's own kind, as before the merge."""
+    probe = {"kind": "probe", "order": 2, "levels": {"safe": {"threshold": 0.09}, "fast": {"threshold": 0.14}}}
+    x0 = {"kind": "x0", "order": 2, "margin_db": 3.0, "levels": {"fast": {"threshold": 0.31}}}
+    merged = caches.merge_levels(probe, x0)
+    assert list(merged["levels"]) == ["safe", "fast"]
+    assert merged["levels"]["safe"]["kind"] == "probe" and merged["levels"]["fast"]["kind"] == "x0"
+    assert merged["levels"]["fast"]["margin_db"] == 3.0 and merged["levels"]["safe"]["margin_db"] == 0.0
+    path = tmp_path / caches.LEVELS_FILE
+    path.write_text(json.dumps(merged))
+    levels = caches.read_levels(path)
+    fast = caches.new_state(GenerationRequest(PROMPT, cache="fast"), 50, levels)
+    safe = caches.new_state(GenerationRequest(PROMPT, cache="safe"), 50, levels)
+    raw = caches.new_state(GenerationRequest(PROMPT, cache_threshold=0.2), 50, levels)
+    assert isinstance(fast, X0Cache) and fast.threshold == 0.31
+    assert type(safe).__name__ == "ProbeCache" and safe.threshold == 0.09
+    assert type(raw).__name__ == "ProbeCache" and raw.threshold == 0.2  # the file's kind, which merging keeps
+    merged["levels"]["safe"]["kind"] = "teacache"
+    path.write_text(json.dumps(merged))
+    with pytest.raises(ValueError, match="probe, x0"):
+        caches.read_levels(path)
+
+
+def test_only_and_merge_need_levels(capsys):
+    from cogrt.engine.cli import main
+    for flags in (["--only", "fast"], ["--merge"]):
+        assert main(["calibrate-cache", *flags]) == 2
+        assert "--levels" in capsys.readouterr().err

@@ -176,3 +176,15 @@ def test_calibrated_levels_keep_their_quality(tmp_path, capsys):
     fast = pipe.generate("a red circle moving right on a black background", cache="fast", **kw)
     assert psnr(exact.frames, fast.frames) == pytest.approx(levels["fast"]["psnr_db"], abs=1e-6)
     assert len(fast.steps_computed) / 12 == pytest.approx(levels["fast"]["steps_frac"])
+
+    # the x0 cache for `fast` alone, merged into the same file: the other levels keep the probe cache
+    assert cli.main(["calibrate-cache", "--model", str(model), "--prompts", str(prompts), "--steps", "12",
+                     "--frames", "9", "--height", "64", "--width", "64", "--device", "cpu", "--levels", "--iters", "3",
+                     "--kind", "x0", "--only", "fast", "--merge", "--levels-out", str(out)]) == 0
+    merged = json.loads(out.read_text())["levels"]
+    assert {k: v["kind"] for k, v in merged.items()} == {"safe": "probe", "balanced": "probe", "fast": "x0"}
+    assert merged["safe"] == {**levels["safe"], "kind": "probe", "order": 2, "margin_db": 0.0}
+    pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
+    fast = pipe.generate("a red circle moving right on a black background", cache="fast", **kw)
+    assert psnr(exact.frames, fast.frames) == pytest.approx(merged["fast"]["psnr_db"], abs=1e-6)
+    assert len(fast.steps_computed) / 12 == pytest.approx(merged["fast"]["steps_frac"])

@@ -113,21 +113,40 @@ LEVEL_KINDS = ("probe", "x0")  # the caches a levels file can calibrate: both de
 
 def read_levels(path) -> dict:
     """A `cogrt calibrate-cache` levels file: {"kind": "probe" or "x0", "order": k (probe), "levels": {name:
-    {"threshold": ...}}}."""
+    {"threshold": ..., and optionally its own "kind" and "order"}}}. A level's own kind wins over the file's, so
+    that one file can hold the best cache for each level (`calibrate-cache --levels --merge`).
+    -> {"kind", "order" (the file's, for raw thresholds), "thresholds", "kinds", "orders" (each level's)}."""
     path = Path(path)
     try:
         out = json.loads(path.read_text())
-        thresholds = {k: float(v["threshold"]) for k, v in out["levels"].items()}
         order = int(out.get("order", 2))
         kind = out.get("kind", "probe")
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        levels = out["levels"]
+        thresholds = {k: float(v["threshold"]) for k, v in levels.items()}
+        kinds = {k: v.get("kind", kind) for k, v in levels.items()}
+        orders = {k: int(v.get("order", order)) for k, v in levels.items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path} is not a calibrate-cache levels file: {e}") from e
-    if kind not in LEVEL_KINDS:
-        raise ValueError(f"{path} is for a {kind!r} cache; valid: {', '.join(LEVEL_KINDS)}")
+    for k in {kind, *kinds.values()}:
+        if k not in LEVEL_KINDS:
+            raise ValueError(f"{path} is for a {k!r} cache; valid: {', '.join(LEVEL_KINDS)}")
     unknown = set(thresholds) - set(LEVELS)
     if unknown:
         raise ValueError(f"{path} names unknown levels {sorted(unknown)}; valid: {', '.join(LEVELS)}")
-    return {"kind": kind, "order": order, "thresholds": thresholds}
+    return {"kind": kind, "order": order, "thresholds": thresholds, "kinds": kinds, "orders": orders}
+
+
+def merge_levels(old: dict, new: dict) -> dict:
+    """Two levels files' contents as one: `new`'s levels replace `old`'s of the same name, and every level keeps the
+    kind (and probe order) it was calibrated with, in its own entry. The file's own kind and order (what a raw
+    threshold gets) stay `old`'s, so that merging a level in changes no other request; its other fields are `new`'s."""
+    def tagged(content):
+        return {name: {"kind": content.get("kind", "probe"), "order": content.get("order", 2),
+                       "margin_db": content.get("margin_db", 0.0), **v}
+                for name, v in content["levels"].items()}
+    levels = {**tagged(old), **tagged(new)}
+    return {**new, "kind": old.get("kind", "probe"), "order": old.get("order", 2),
+            "levels": {k: levels[k] for k in LEVELS if k in levels}}
 
 
 def level_cache(kind: str, threshold: float, num_steps: int, order: int = 2) -> StepCache:
@@ -150,8 +169,18 @@ def new_state(req, num_steps: int, levels: dict | None = None) -> StepCache | No
         return TeaCache(float(req.teacache), tuple(req.teacache_coefficients), num_steps)
     if req.cache is None and req.cache_threshold is None:
         return None
-    kind, order = (levels["kind"], levels["order"]) if levels else ("probe", 2)
+    kind, order = kind_and_order(req, levels)
     return level_cache(kind, threshold(req, levels), num_steps, order)
+
+
+def kind_and_order(req, levels: dict | None) -> tuple[str, int]:
+    """The cache kind (and probe order) a request gets: its level's in the model's `levels`, else the file's (a raw
+    threshold), else the probe cache's."""
+    if not levels:
+        return "probe", 2
+    if req.cache in levels["kinds"]:
+        return levels["kinds"][req.cache], levels["orders"][req.cache]
+    return levels["kind"], levels["order"]
 
 
 def threshold(req, levels: dict | None) -> float:
