@@ -145,8 +145,10 @@ def merge_levels(old: dict, new: dict) -> dict:
                        "margin_db": content.get("margin_db", 0.0), **v}
                 for name, v in content["levels"].items()}
     levels = {**tagged(old), **tagged(new)}
-    return {**new, "kind": old.get("kind", "probe"), "order": old.get("order", 2),
-            "levels": {k: levels[k] for k in LEVELS if k in levels}}
+    merged = {**new, "kind": old.get("kind", "probe"), "order": old.get("order", 2),
+              "levels": {k: levels[k] for k in LEVELS if k in levels}}
+    merged.pop("margin_db", None)  # each level says its own
+    return merged
 
 
 def level_cache(kind: str, threshold: float, num_steps: int, order: int = 2) -> StepCache:
