@@ -16,7 +16,7 @@ The fastest exact backend on Hopper and newer is FlashAttention 4 (`flash-attn-4
 low-precision `triton-fp8` (14.2 against 16.0 ms a call at 5B on the H200, bench/RESULTS.md), so `fp8` and `fast` take
 it too where it is installed: their attention is then exact, and only their linear layers are quantized.
 
-`fast`'s step cache: the calibrated cache (probe or x0, as step_cache.json names it) at the model's `fast` level
+`fast`'s step cache: the calibrated cache (probe or x0, as step_cache.json names it for that level) at the model's `fast` level
 (engine/caches/, `cogrt calibrate-cache --levels`) where its folder has one, else TeaCache at threshold 0.2 (the published fit for the
 released checkpoints).
 
