@@ -134,14 +134,15 @@ def adaln_sweep():
     c = torch.randn(B, Nt, D, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(D, device="cuda", dtype=torch.bfloat16)
     mod = torch.randn(B, 6 * D, device="cuda", dtype=torch.bfloat16)
-    best = None
-    for rows in (1, 2, 4, 8):
-        for warps in (4, 8, 16):
-            ms = bench_ms(lambda: adaln.launch_modulate(x, c, w, w, mod, 1e-5, rows, warps), rep=100)
-            print(f"sweep adaLN ROWS={rows} warps={warps}: {ms:.3f} ms", flush=True)
-            best = min(best or (ms, rows, warps), (ms, rows, warps))
-    print(f"adaLN: best ROWS={best[1]} warps={best[2]} (kernels/adaln.py has ROWS={adaln.ROWS} "
-          f"warps={adaln.NUM_WARPS})", flush=True)
+    for fp8, have in [(False, (adaln.ROWS, adaln.NUM_WARPS)), (True, (adaln.FP8_ROWS, adaln.FP8_NUM_WARPS))]:
+        best = None
+        for rows in (1, 2, 4, 8):
+            for warps in (2, 4, 8, 16):
+                ms = bench_ms(lambda: adaln.launch_modulate(x, c, w, w, mod, 1e-5, rows, warps, fp8=fp8), rep=100)
+                print(f"sweep adaLN fp8={fp8} ROWS={rows} warps={warps}: {ms * 1e3:.1f} us", flush=True)
+                best = min(best or (ms, rows, warps), (ms, rows, warps))
+        print(f"adaLN fp8={fp8}: best ROWS={best[1]} warps={best[2]} {best[0] * 1e3:.1f} us (kernels/adaln.py has "
+              f"ROWS={have[0]} warps={have[1]})", flush=True)
 
 
 def quant_rows_sweep():
@@ -187,6 +188,9 @@ def fused_rows(bandwidth: float):
     cases = [
         ("adaLN modulate (LN + scale/shift, both streams)", 2 * n * e,
          lambda: adaln.adaln_modulate(x, c, w, b, mod, 1e-5), lambda: adaln.adaln_modulate_reference(x, c, w, b, mod, 1e-5)),
+        ("adaLN modulate + row-wise e4m3 (fp8's qkv and FF input)", n * e + n + (Nt + Nv) * B * 4,
+         lambda: adaln.adaln_modulate_fp8(x, c, w, b, mod, 1e-5),
+         lambda: adaln.adaln_modulate_fp8_reference(x, c, w, b, mod, 1e-5)),
         ("gated residual (both streams)", 3 * n * e,
          lambda: adaln.gated_residual(x, c, a, mod), lambda: adaln.gated_residual_reference(x, c, a, mod)),
         ("QK prologue (LN per head + 3D RoPE)", 4 * n * e + 2 * cos.numel() * 4,

@@ -7,6 +7,7 @@ video in both. The transformer is ours; VAE, T5 and the schedulers are the libra
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import math
 import sys
 import threading
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import caches, loader, modes, quant
+from . import caches, loader, modes, quant, vae_tiles
 from .caches import teacache
 from .dpm import DPMSteps
 from .lora import lora_key, read_lora
@@ -32,18 +33,23 @@ from .runner import Runner, compile_errors
 # the read's second or so): that hides the read behind the imports (bench/RESULTS.md, "Start-up with a real-size
 # T5 and the parallel reader").
 READ_SWITCH_INTERVAL = 1e-4
-# The untiled decode of 49 x 480 x 720 peaks at 15.4 GB in bf16 (bench/RESULTS.md, "The VAE decode: tiling and
-# cuDNN's algorithm search"); scale from there.
-_DECODE_BYTES_PER_PIXEL_FRAME = 15.4e9 / (49 * 480 * 720) / 2
-# The tiled decode's peak, 4.4 GiB in bf16 at any size: tiles of 240 x 360 pixels, two latent frames at a time.
-_TILED_DECODE_BYTES = 4.4 * 2**30 / 2
-
-
 log = logging.getLogger(__name__)
 
 
 class OutOfMemory(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class LoopSetup:
+    """A request's denoise loop before its first step (Pipeline.loop_setup)."""
+    sched: object  # the diffusers scheduler, its timesteps set (shared by requests of the same step count)
+    ts: list[int]  # its timesteps, on the host
+    dpm: DPMSteps | None  # DPM-Solver++'s coefficients (None for DDIM)
+    positions: tuple  # the transformer's position tables for this latent shape (shared, read-only)
+    frames: int  # latent frames, with 1.5's padding
+    extra: int  # how many of them are padding
+    noise: torch.Tensor | None  # text-to-video's initial latents, unscaled; None: drawn in the loop (image-to-video)
 
 
 class Pipeline:
@@ -68,6 +74,11 @@ class Pipeline:
         self.load_timings: dict[str, float] = {}  # load_pipeline's stages, in seconds
         self.parallel = None  # engine.parallel.Parallel: this rank's place when each video spans several devices
         self.text_parked = False  # the text encoder waits in host memory because the last decode needed its room
+        self.decode_plan: vae_tiles.TilePlan | None = None  # the last decode's tiles
+        # the last request's scheduler (with its DPM coefficients) and position tables, by step count and latent
+        # shape: the next request of the same kind reuses them (both read-only) instead of 10-20 ms of set-up
+        self._last_schedule: tuple[int, tuple] | None = None
+        self._last_positions: tuple[tuple, tuple] | None = None
 
     @property
     def cfg(self) -> ModelConfig:
@@ -146,6 +157,9 @@ class Pipeline:
                 self.text_parked = False
             with self._on_device(self.text_encoder, self.transforms.text_encoder == "offload"):
                 text = self.encode_text(prompts)
+                setup = self.loop_setup(req, gen)  # on the host while the GPU runs the text encoder
+        else:
+            setup = self.loop_setup(req, gen)
         if self.parallel is not None:  # encoded once, on rank 0
             if not self.parallel.first:
                 text = torch.empty(len(prompts), self.cfg.max_text_seq_length, self.cfg.text_embed_dim,
@@ -158,7 +172,7 @@ class Pipeline:
             if loras is not None:
                 times["lora"] = self.runner.switch_loras(loras, key)
             t1 = time.perf_counter()
-            latents, extra = self.denoise(req, text, gen, progress, cache, on_step)
+            latents, extra = self.denoise(req, text, gen, progress, cache, on_step, setup)
         times["denoise"] = self._lap(t1)
         times.setdefault("lora", 0.0)
 
@@ -235,37 +249,64 @@ class Pipeline:
         pad = torch.zeros(1, latent_frames - 1, *z.shape[2:], device=self.device, dtype=self.dtype)
         return torch.cat([z, pad], dim=1)
 
-    def denoise(self, req: GenerationRequest, text: torch.Tensor, gen: torch.Generator, progress: bool,
-                cache: caches.StepCache | None = None, on_step=None):
-        """Returns the final latents and how many leading latent frames are padding (1.5's temporal patch).
-        With a step `cache` (engine/caches/), the model runs its blocks only where the cache decides to."""
+    def loop_setup(self, req: GenerationRequest, gen: torch.Generator) -> LoopSetup:
+        """The denoise loop's set-up: the pipeline calls it while the text encoder runs on the GPU, so that its
+        host work (the scheduler's tables, the initial noise drawn on the CPU) hides behind it."""
         import diffusers
         from diffusers.utils.torch_utils import randn_tensor
         cfg, dev = self.cfg, self.device
-        sched = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
-        sched.set_timesteps(req.num_inference_steps, device=dev)
+        steps = req.num_inference_steps
+        if self._last_schedule is None or self._last_schedule[0] != steps:
+            sched = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
+            sched.set_timesteps(steps)  # on the host: reading them back from the GPU would wait for the text encoder
+            ts = sched.timesteps.tolist()
+            sched.timesteps = sched.timesteps.to(dev)  # as set_timesteps(device=dev) leaves them
+            # DPM's step, free of host syncs, its noise drawn while the forward runs (engine/dpm.py)
+            dpm = DPMSteps(sched, ts) if type(sched).__name__ == "CogVideoXDPMScheduler" else None
+            self._last_schedule = (steps, (sched, ts, dpm))
+        sched, ts, dpm = self._last_schedule[1]
+        frames, extra = cfg.latent_frames(req.num_frames)
+        h, w = req.height // 8, req.width // 8
+        if self._last_positions is not None and self._last_positions[0] == (frames, h, w):
+            positions = self._last_positions[1]
+        else:
+            positions = self.transformer.positions(frames, h, w, dev)
+            # kept for the next request, unless memory is short: 2B's sin-cos table is 0.2 GB at 49 x 480 x 720
+            self._last_positions = None if self.offload else ((frames, h, w), positions)
+        noise = None
+        if not cfg.is_i2v:  # image-to-video draws the image's latent sample from the generator first
+            noise = randn_tensor((1, frames, cfg.out_channels, h, w), generator=gen, device=dev, dtype=self.dtype)
+        return LoopSetup(sched, ts, dpm, positions, frames, extra, noise)
+
+    def denoise(self, req: GenerationRequest, text: torch.Tensor, gen: torch.Generator, progress: bool,
+                cache: caches.StepCache | None = None, on_step=None, setup: LoopSetup | None = None):
+        """Returns the final latents and how many leading latent frames are padding (1.5's temporal patch).
+        With a step `cache` (engine/caches/), the model runs its blocks only where the cache decides to.
+        `setup`: what loop_setup made for this request (made here if not given)."""
+        from diffusers.utils.torch_utils import randn_tensor
+        cfg, dev = self.cfg, self.device
+        setup = setup or self.loop_setup(req, gen)
+        sched, ts, dpm, positions = setup.sched, setup.ts, setup.dpm, setup.positions
         timesteps = sched.timesteps
         steps = len(timesteps)
         if cache is not None and cache.num_steps != steps:
             raise ValueError(f"the step cache was made for {cache.num_steps} steps; the scheduler gives {steps}")
 
-        frames, extra = cfg.latent_frames(req.num_frames)
+        frames, extra = setup.frames, setup.extra
         h, w = req.height // 8, req.width // 8
         image = self.image_latents(req, frames, gen) if cfg.is_i2v else None
-        latents = randn_tensor((1, frames, cfg.out_channels, h, w), generator=gen, device=dev, dtype=self.dtype)
+        latents = setup.noise
+        if latents is None:
+            latents = randn_tensor((1, frames, cfg.out_channels, h, w), generator=gen, device=dev, dtype=self.dtype)
         latents = latents * sched.init_noise_sigma
 
         cfg_on = req.guidance_scale > 1.0
         # guidance per step, computed up front so that the loop needs no host sync for it
-        ts = timesteps.tolist()
         if req.use_dynamic_cfg:
             scales = [1 + req.guidance_scale * (1 - math.cos(math.pi * ((steps - t) / steps) ** 5.0)) / 2 for t in ts]
         else:
             scales = [req.guidance_scale] * steps
-        positions = self.transformer.positions(frames, h, w, dev)
         ofs = torch.full((1,), 2.0, device=dev, dtype=self.dtype) if cfg.ofs_embed_dim else None
-        # DPM's step, free of host syncs, its noise drawn while the forward runs (engine/dpm.py)
-        dpm = DPMSteps(sched, ts) if type(sched).__name__ == "CogVideoXDPMScheduler" else None
         old_x0 = None
         if image is not None and cfg_on:
             image = torch.cat([image, image])
@@ -331,33 +372,24 @@ class Pipeline:
             torch.cuda.empty_cache()
 
     def _configure_vae(self, req: GenerationRequest) -> None:
-        tiling = self.vae_tiling
-        if tiling is None:  # auto: tile when the untiled decode would not fit in what is free
-            need = _DECODE_BYTES_PER_PIXEL_FRAME * req.num_frames * req.height * req.width * self.vae.dtype.itemsize
-            tiling = need > 0.8 * free_memory(self.device)
-            if tiling and self.device.type == "cuda":
-                # memory is short: hand the denoise loop's cached blocks back, so that the decode's large
-                # allocations do not fail on a fragmented cache inside a memory fraction (bench/RESULTS.md, issue 19)
-                torch.cuda.empty_cache()
-            # the same margin as above: a 16 GiB cap left 5.0 GiB beside the weights, and the tiled decode failed
-            if tiling and min(need, _TILED_DECODE_BYTES * self.vae.dtype.itemsize) > 0.8 * free_memory(self.device):
-                self._park_text_encoder()
-        if tiling and _tiles_fit(self.vae):
-            self.vae.enable_tiling()
-        else:
-            self.vae.disable_tiling()
+        """The decode's tiles (engine/vae_tiles.py): none where the untiled decode fits in what is free, else the
+        cheapest grid that fits; where none fits beside the resident weights, the text encoder waits on the host.
+        `vae_tiling` True or False forces a tiled or the untiled decode."""
+        h, w, frames, item = req.height // 8, req.width // 8, req.num_frames, self.vae.dtype.itemsize
+        forced = self.vae_tiling
+        plan = vae_tiles.choose(h, w, frames, item, free_memory(self.device), forced)
+        if (plan is None or plan.tiled) and self.device.type == "cuda":
+            # memory is short: hand the denoise loop's cached blocks back, so that the decode's large
+            # allocations do not fail on a fragmented cache inside a memory fraction (bench/RESULTS.md, issue 19)
+            torch.cuda.empty_cache()
+        if plan is None and forced is not False:
+            self._park_text_encoder()
+            plan = vae_tiles.choose(h, w, frames, item, free_memory(self.device), forced)
+        if plan is None:  # nothing fits: the smallest tiles (or, with tiling off, the untiled decode) and hope
+            plan = vae_tiles.smallest(h, w) if forced is not False else vae_tiles.grid(h, w, 1, 1)
+        plan.apply(self.vae)
         self.vae.enable_slicing()
-
-
-def _tiles_fit(vae) -> bool:
-    """diffusers' tiled decode steps by int(tile * (1 - overlap)) latents but keeps tile - int(tile * overlap)
-    pixels of each tile. The two agree for the real VAE (30 latents: 25 x 8 = 240 - 40 pixels) and disagree for
-    small tiles (a 64-pixel tile: 6 x 8 != 64 - 10), where the video comes out mis-sized. Such a VAE is small
-    enough not to need tiling."""
-    v = vae
-    return all(int(lat * (1 - f)) * 8 == px - int(px * f) for lat, px, f in (
-        (v.tile_latent_min_height, v.tile_sample_min_height, v.tile_overlap_factor_height),
-        (v.tile_latent_min_width, v.tile_sample_min_width, v.tile_overlap_factor_width)))
+        self.decode_plan = plan
 
 
 def free_memory(device: torch.device) -> int:

@@ -29,6 +29,9 @@ from .quant import e4m3
 # cuDNN's own fp8 attention").
 ROWS = 4 if os.environ.get("TRITON_INTERPRET") == "1" else 2
 NUM_WARPS = 4
+# the same for the fp8 variant (adaln_modulate_fp8), which also takes each row's max and casts: swept apart
+# (bench.kernels --sweep-fused), since its work per value differs
+FP8_ROWS, FP8_NUM_WARPS = ROWS, NUM_WARPS
 
 
 @triton.jit
@@ -60,10 +63,11 @@ def _adaln_modulate_kernel(x_ptr, c_ptr, w_ptr, b_ptr, mod_ptr, out_ptr, s_ptr, 
     y = y * (1.0 + scale[None, :]) + shift[None, :]
     at = b * (n_text + Nv) + tl.where(is_text, 0, n_text) + r  # row in the joint [text; video] output
     if QUANT:  # row-wise e4m3 with its scale, as kernels/quant.py (the whole row is in this program)
-        scale_q = tl.maximum(tl.max(tl.abs(tl.where(m, y, 0.0)), axis=1), 1e-12) / 448.0  # (ROWS,)
-        tl.store(s_ptr + at, scale_q, mask=r < n_rows)
-        tl.store(out_ptr + at[:, None] * D + cols[None, :], e4m3(tl.clamp(y / scale_q[:, None], -448.0, 448.0),
-                                                                 EXACT), mask=m)
+        amax = tl.maximum(tl.max(tl.abs(tl.where(m, y, 0.0)), axis=1), 1e-12)  # (ROWS,)
+        tl.store(s_ptr + at, amax / 448.0, mask=r < n_rows)
+        # one division a row, not one a value: the per-value IEEE division made this kernel compute-bound
+        q = tl.clamp(y * (448.0 / amax)[:, None], -448.0, 448.0)
+        tl.store(out_ptr + at[:, None] * D + cols[None, :], e4m3(q, EXACT), mask=m)
     else:
         tl.store(out_ptr + at[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -99,10 +103,13 @@ def adaln_modulate(x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor | None
     return launch_modulate(x, c, weight, bias, mod, eps)
 
 
-def launch_modulate(x, c, weight, bias, mod, eps, rows: int = ROWS, num_warps: int = NUM_WARPS, fp8: bool = False):
+def launch_modulate(x, c, weight, bias, mod, eps, rows: int | None = None, num_warps: int | None = None,
+                    fp8: bool = False):
     """adaln_modulate with its launch settings given (bench/kernels.py sweeps them); `fp8`: also quantize
     (returns the e4m3 rows and their scales)."""
     _check(x, c, mod)
+    rows = rows or (FP8_ROWS if fp8 else ROWS)
+    num_warps = num_warps or (FP8_NUM_WARPS if fp8 else NUM_WARPS)
     B, Nv, D = x.shape
     Nt = c.shape[1]
     out = alloc.empty((B, Nt + Nv, D), x, torch.float8_e4m3fn if fp8 else None)

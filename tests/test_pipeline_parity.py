@@ -104,3 +104,23 @@ def test_load_reports_where_its_time_went(pipeline):
     times = pipeline("2b").load_timings
     assert list(times) == ["read_transformer", "imports", "vae_and_text_encoder", "transforms"]
     assert all(v >= 0 for v in times.values()) and times["read_transformer"] > 0
+
+
+def test_loop_setup_is_reused_and_changes_nothing(pipeline):
+    """The scheduler and position tables of the last request serve the next one of the same step count and shape
+    (Pipeline.loop_setup); a request of another kind in between must not leak into the result."""
+    pipe = pipeline("5b")
+    req = request_for("5b", 0, num_inference_steps=2)
+    first = pipe.generate(**req, seed=3).frames
+    a = pipe.loop_setup(pipe_request(req), torch.Generator("cpu").manual_seed(3))
+    pipe.generate(**request_for("5b", 0, num_inference_steps=3, height=64, width=64, num_frames=17), seed=3)
+    b = pipe.loop_setup(pipe_request(req), torch.Generator("cpu").manual_seed(3))
+    c = pipe.loop_setup(pipe_request(req), torch.Generator("cpu").manual_seed(3))
+    assert b.sched is c.sched and b.positions is c.positions  # reused, not rebuilt
+    assert a.ts == b.ts and torch.equal(a.noise, b.noise) and torch.equal(a.positions[0][0], b.positions[0][0])
+    assert np.array_equal(pipe.generate(**req, seed=3).frames, first)
+
+
+def pipe_request(req: dict):
+    from cogrt.engine.request import GenerationRequest
+    return GenerationRequest(**req)
