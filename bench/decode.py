@@ -49,6 +49,9 @@ def main(argv=None):
     ap.add_argument("--cudnn-benchmark", action="store_true", help="each setting also with cuDNN's search on")
     ap.add_argument("--frames-check", action="store_true", help="also the first two settings at 3 latent frames")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--hold-gb", type=float, default=0.0, help="hold this much beside the VAE, as resident weights")
+    ap.add_argument("--cap-gb", type=float, default=None,
+                    help="a memory fraction of this many GiB for the process (with --hold-gb: what is left to decode)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
@@ -62,6 +65,11 @@ def main(argv=None):
     f, h, w = (int(x) for x in args.latent.split(","))
     vae.enable_slicing()
     weights = torch.cuda.memory_allocated() / 2**30
+    _held = torch.empty(int(args.hold_gb * 2**30), dtype=torch.uint8, device=dev) if args.hold_gb else None
+    if args.cap_gb:
+        total = torch.cuda.mem_get_info(dev)[1]
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 2**30 / total), dev)
+    base = torch.cuda.memory_allocated() / 2**30  # the VAE and what is held
     names = args.grids.split(",")
     todo = [(n, f, b) for n in names for b in ((False, True) if args.cudnn_benchmark else (False,))]
     if args.frames_check:
@@ -76,17 +84,25 @@ def main(argv=None):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            out = vae.decode(z).sample.float().cpu()  # off the GPU, so that no later peak counts it
+            try:
+                out = vae.decode(z).sample.float().cpu()  # off the GPU, so that no later peak counts it
+            except torch.OutOfMemoryError:
+                row = dict(setting=name, latent_frames=frames, cudnn_benchmark=bench, oom=True,
+                           peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 - base)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
             first = time.perf_counter() - t0
-            first_peak = torch.cuda.max_memory_allocated() / 2**30 - weights
+            first_peak = torch.cuda.max_memory_allocated() / 2**30 - base
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             ms = statistics.median(cuda_times(lambda: vae.decode(z).sample, 0, args.iters))
-            peak = torch.cuda.max_memory_allocated() / 2**30 - weights
+            peak = torch.cuda.max_memory_allocated() / 2**30 - base
+            reserved = torch.cuda.max_memory_reserved() / 2**30 - base
         ref.setdefault(frames, out)  # the first setting (untiled by default) is the reference
         px_frame = (plan.decoded_pixels(h, w) if plan else None)
         row = dict(setting=name, latent_frames=frames, cudnn_benchmark=bench, first_s=first, first_peak_gib=first_peak,
-                   s=ms / 1e3, peak_gib=peak, rel_err_vs_first=rel_err(out, ref[frames]),
+                   s=ms / 1e3, peak_gib=peak, peak_reserved_gib=reserved, rel_err_vs_first=rel_err(out, ref[frames]),
                    tiles=(plan.rows * plan.cols if plan else None),
                    tile_latents=([plan.tile_h, plan.tile_w] if plan else None),
                    decoded_pixels_vs_frame=(px_frame / (64 * h * w) if plan else None),
@@ -94,16 +110,19 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = dict(environment(dev), preset=args.preset, latent=[f, h, w], weights="random (real-size VAE)",
-                vae_weights_gib=weights,
+                vae_weights_gib=weights, hold_gib=args.hold_gb, cap_gib=args.cap_gb,
                 command=" ".join(["python -m cogrt.bench.decode", *(sys.argv[1:] if argv is None else argv)]), rows=rows)
-    print("\n| decode | latent frames | cudnn.benchmark | first call s | s (median) | peak GiB | planned peak GiB | "
-          "pixels decoded / frame | rel err vs the first |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| decode | latent frames | cudnn.benchmark | first call s | s (median) | peak GiB | peak reserved GiB | "
+          "planned peak GiB | pixels decoded / frame | rel err vs the first |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if r.get("oom"):
+            print(f"| {r['setting']} | {r['latent_frames']} | | out of memory | | | {r['peak_reserved_gib']:.1f} | | | |")
+            continue
         planned = f"{r['planned_peak_gib']:.1f}" if r["planned_peak_gib"] is not None else ""
         px = f"{r['decoded_pixels_vs_frame']:.2f}" if r["decoded_pixels_vs_frame"] is not None else ""
         print(f"| {r['setting']} | {r['latent_frames']} | {'on' if r['cudnn_benchmark'] else 'off'} | "
-              f"{r['first_s']:.2f} | {r['s']:.2f} | {r['peak_gib']:.1f} | {planned} | {px} | "
+              f"{r['first_s']:.2f} | {r['s']:.2f} | {r['peak_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {planned} | {px} | "
               f"{r['rel_err_vs_first']:.1e} |")
     if args.json:
         with open(args.json, "w") as fh:
