@@ -68,7 +68,7 @@ def main(argv=None):
     _held = torch.empty(int(args.hold_gb * 2**30), dtype=torch.uint8, device=dev) if args.hold_gb else None
     if args.cap_gb:
         total = torch.cuda.mem_get_info(dev)[1]
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 2**30 / total), dev)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 2**30 / total), 0)
     base = torch.cuda.memory_allocated() / 2**30  # the VAE and what is held
     names = args.grids.split(",")
     todo = [(n, f, b) for n in names for b in ((False, True) if args.cudnn_benchmark else (False,))]

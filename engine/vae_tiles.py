@@ -16,12 +16,14 @@ OVERLAP_H, OVERLAP_W = 5, 9  # latents: diffusers' 30 / 6 and 45 / 5
 MAX_ROWS, MAX_COLS = 6, 8
 SCALE = 8  # pixels per latent (CogVideoX's VAE)
 
-# The decode's peak in bytes, at 49 frames in bf16, as PEAK_FIXED + PEAK_PER_PIXEL x the pixels of one tile. Fit to
-# the real-size VAE on an H200: the untiled 480 x 720 decode peaks at 15.4 GB, the default 240 x 360 tiles at
-# 4.4 GiB (bench/RESULTS.md, "The VAE decode: tiling and cuDNN's algorithm search"). Scaled by frames / 49 (the
-# conv caches and the output grow with the frames) and by the dtype's size.
-PEAK_FIXED = 1.16e9
-PEAK_PER_PIXEL = 41.2e3
+# The decode's peak in bytes of reserved memory (what a memory cap counts: the caching allocator's segments, with
+# their fragmentation), in bf16 and up to 49 frames, as PEAK_FIXED + PEAK_PER_PIXEL x the pixels of one tile. An
+# upper envelope of ten settings measured with the real-size VAE on an H200, from 2.7 GiB (4 x 4 tiles) to 23.2 GiB
+# (untiled, 480 x 720): bench/RESULTS.md, "The capped decode". The peak hardly shrinks with fewer frames (the decoder
+# works two latent frames at a time: 3 latent frames untiled peaked at 11.1 GiB allocated, 13 at 14.7), so it is
+# scaled only up, by frames / 49, and by the dtype's size.
+PEAK_FIXED = 0.62 * 2**30
+PEAK_PER_PIXEL = 71.65e3
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ class TilePlan:
         return spans(h, self.tile_h, self.overlap_h) * spans(w, self.tile_w, self.overlap_w) * SCALE * SCALE
 
     def peak_bytes(self, frames: int, itemsize: int) -> float:
-        return (PEAK_FIXED + PEAK_PER_PIXEL * self.tile_h * self.tile_w * SCALE * SCALE) * frames / 49 * itemsize / 2
+        px = self.tile_h * self.tile_w * SCALE * SCALE
+        return (PEAK_FIXED + PEAK_PER_PIXEL * px) * max(1.0, frames / 49) * itemsize / 2
 
     def apply(self, vae) -> None:
         """Set diffusers' tile attributes so that its tiled_decode cuts exactly this grid."""
