@@ -68,7 +68,7 @@ def main(argv=None):
     _held = torch.empty(int(args.hold_gb * 2**30), dtype=torch.uint8, device=dev) if args.hold_gb else None
     if args.cap_gb:
         total = torch.cuda.mem_get_info(dev)[1]
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 2**30 / total), 0)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 2**30 / total), torch.cuda.current_device())
     base = torch.cuda.memory_allocated() / 2**30  # the VAE and what is held
     names = args.grids.split(",")
     todo = [(n, f, b) for n in names for b in ((False, True) if args.cudnn_benchmark else (False,))]
@@ -86,19 +86,19 @@ def main(argv=None):
             t0 = time.perf_counter()
             try:
                 out = vae.decode(z).sample.float().cpu()  # off the GPU, so that no later peak counts it
+                first = time.perf_counter() - t0
+                first_peak = torch.cuda.max_memory_allocated() / 2**30 - base
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                ms = statistics.median(cuda_times(lambda: vae.decode(z).sample, 0, args.iters))
+                peak = torch.cuda.max_memory_allocated() / 2**30 - base
+                reserved = torch.cuda.max_memory_reserved() / 2**30 - base
             except torch.OutOfMemoryError:
                 row = dict(setting=name, latent_frames=frames, cudnn_benchmark=bench, oom=True,
                            peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 - base)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 continue
-            first = time.perf_counter() - t0
-            first_peak = torch.cuda.max_memory_allocated() / 2**30 - base
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            ms = statistics.median(cuda_times(lambda: vae.decode(z).sample, 0, args.iters))
-            peak = torch.cuda.max_memory_allocated() / 2**30 - base
-            reserved = torch.cuda.max_memory_reserved() / 2**30 - base
         ref.setdefault(frames, out)  # the first setting (untiled by default) is the reference
         px_frame = (plan.decoded_pixels(h, w) if plan else None)
         row = dict(setting=name, latent_frames=frames, cudnn_benchmark=bench, first_s=first, first_peak_gib=first_peak,

@@ -242,6 +242,7 @@ class Pipeline:
         vae_dev = next(self.vae.parameters()).device
         x = x.to(vae_dev, self.vae.dtype).unsqueeze(2)  # (1, 3, 1, H, W)
         with torch.no_grad():
+            self.vae.disable_tiling()  # the last decode's tiles would cut this encode too, unlike diffusers'
             z = self.vae.encode(x).latent_dist.sample(generator=gen)  # (1, C, 1, h, w)
         z = z.to(self.device, self.dtype).permute(0, 2, 1, 3, 4)  # (1, 1, C, h, w)
         s = self.vae.config.scaling_factor
@@ -256,26 +257,33 @@ class Pipeline:
         from diffusers.utils.torch_utils import randn_tensor
         cfg, dev = self.cfg, self.device
         steps = req.num_inference_steps
-        if self._last_schedule is None or self._last_schedule[0] != steps:
+        # host work first and copies to the device last: a copy from pageable memory waits for the queued text
+        # encoder, and what comes after it is no longer hidden
+        fresh = self._last_schedule is None or self._last_schedule[0] != steps
+        if fresh:
             sched = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
             sched.set_timesteps(steps)  # on the host: reading them back from the GPU would wait for the text encoder
             ts = sched.timesteps.tolist()
-            sched.timesteps = sched.timesteps.to(dev)  # as set_timesteps(device=dev) leaves them
             # DPM's step, free of host syncs, its noise drawn while the forward runs (engine/dpm.py)
             dpm = DPMSteps(sched, ts) if type(sched).__name__ == "CogVideoXDPMScheduler" else None
             self._last_schedule = (steps, (sched, ts, dpm))
         sched, ts, dpm = self._last_schedule[1]
         frames, extra = cfg.latent_frames(req.num_frames)
         h, w = req.height // 8, req.width // 8
+        noise = None
+        if not cfg.is_i2v:  # image-to-video draws the image's latent sample from the generator first
+            # on the host, as randn_tensor does for a CPU generator (the same numbers); moved below
+            noise = randn_tensor((1, frames, cfg.out_channels, h, w), generator=gen, device=torch.device("cpu"),
+                                 dtype=self.dtype)
         if self._last_positions is not None and self._last_positions[0] == (frames, h, w):
             positions = self._last_positions[1]
         else:
             positions = self.transformer.positions(frames, h, w, dev)
             # kept for the next request, unless memory is short: 2B's sin-cos table is 0.2 GB at 49 x 480 x 720
             self._last_positions = None if self.offload else ((frames, h, w), positions)
-        noise = None
-        if not cfg.is_i2v:  # image-to-video draws the image's latent sample from the generator first
-            noise = randn_tensor((1, frames, cfg.out_channels, h, w), generator=gen, device=dev, dtype=self.dtype)
+        if fresh:
+            sched.timesteps = sched.timesteps.to(dev)  # where set_timesteps(device=dev) would put them
+        noise = noise.to(dev) if noise is not None else None
         return LoopSetup(sched, ts, dpm, positions, frames, extra, noise)
 
     def denoise(self, req: GenerationRequest, text: torch.Tensor, gen: torch.Generator, progress: bool,
@@ -285,7 +293,8 @@ class Pipeline:
         `setup`: what loop_setup made for this request (made here if not given)."""
         from diffusers.utils.torch_utils import randn_tensor
         cfg, dev = self.cfg, self.device
-        setup = setup or self.loop_setup(req, gen)
+        if setup is None:
+            setup = self.loop_setup(req, gen)
         sched, ts, dpm, positions = setup.sched, setup.ts, setup.dpm, setup.positions
         timesteps = sched.timesteps
         steps = len(timesteps)
@@ -374,19 +383,27 @@ class Pipeline:
     def _configure_vae(self, req: GenerationRequest) -> None:
         """The decode's tiles (engine/vae_tiles.py): none where the untiled decode fits in what is free, else the
         cheapest grid that fits; where none fits beside the resident weights, the text encoder waits on the host.
-        `vae_tiling` True or False forces a tiled or the untiled decode."""
+        `vae_tiling` True or False forces a tiled or the untiled decode. With several ranks, rank 0's plan holds
+        for all: they must cut the same tiles (engine/parallel.tiled_decode), and rank 0, which keeps the text
+        encoder, has the least memory free."""
         h, w, frames, item = req.height // 8, req.width // 8, req.num_frames, self.vae.dtype.itemsize
         forced = self.vae_tiling
-        plan = vae_tiles.choose(h, w, frames, item, free_memory(self.device), forced)
+        # asked to tile, leave more room than auto tiling does: the user is likely here after running out of memory
+        margin = 0.5 if forced else 0.8
+        plan = vae_tiles.choose(h, w, frames, item, free_memory(self.device), forced, margin)
         if (plan is None or plan.tiled) and self.device.type == "cuda":
             # memory is short: hand the denoise loop's cached blocks back, so that the decode's large
             # allocations do not fail on a fragmented cache inside a memory fraction (bench/RESULTS.md, issue 19)
             torch.cuda.empty_cache()
-        if plan is None and forced is not False:
+        possible = [p for p in vae_tiles.plans(h, w) if forced is None or p.tiled == forced]
+        if plan is None and possible and forced is not False:
             self._park_text_encoder()
-            plan = vae_tiles.choose(h, w, frames, item, free_memory(self.device), forced)
-        if plan is None:  # nothing fits: the smallest tiles (or, with tiling off, the untiled decode) and hope
-            plan = vae_tiles.smallest(h, w) if forced is not False else vae_tiles.grid(h, w, 1, 1)
+            plan = vae_tiles.choose(h, w, frames, item, free_memory(self.device), forced, margin)
+        if plan is None:  # nothing fits (or no grid of the kind asked for exists): the smallest tiles, and hope
+            plan = min(possible, key=lambda p: p.tile_h * p.tile_w) if possible else vae_tiles.grid(h, w, 1, 1)
+        if self.parallel is not None:
+            grid = self.parallel.broadcast(torch.tensor([plan.rows, plan.cols], device=self.device))
+            plan = vae_tiles.grid(h, w, *grid.tolist())
         plan.apply(self.vae)
         self.vae.enable_slicing()
         self.decode_plan = plan

@@ -79,11 +79,10 @@ def _side(n: int, parts: int, overlap: int) -> tuple[int, int] | None:
 
 def grid(h: int, w: int, rows: int, cols: int) -> TilePlan | None:
     """The plan of rows x cols tiles for h x w latents, if diffusers' loop cuts it so (see _side)."""
-    for extra in range(4):  # a slightly wider overlap where the float arithmetic misses the exact one
-        a, b = _side(h, rows, OVERLAP_H + extra), _side(w, cols, OVERLAP_W + extra)
-        if a and b:
-            return TilePlan(rows, cols, a[0], b[0], a[1], b[1])
-    return None
+    def side(n, parts, overlap):  # a slightly wider overlap where the float arithmetic misses the exact one
+        return next((t for extra in range(4) if (t := _side(n, parts, overlap + extra))), None)
+    a, b = side(h, rows, OVERLAP_H), side(w, cols, OVERLAP_W)
+    return TilePlan(rows, cols, a[0], b[0], a[1], b[1]) if a and b else None
 
 
 def plans(h: int, w: int) -> list[TilePlan]:
@@ -102,8 +101,3 @@ def choose(h: int, w: int, frames: int, itemsize: int, free_bytes: float, tiled:
         if p.peak_bytes(frames, itemsize) <= margin * free_bytes:
             return p
     return None
-
-
-def smallest(h: int, w: int) -> TilePlan:
-    """The plan with the smallest tiles: what is left to try when nothing fits."""
-    return min(plans(h, w), key=lambda p: (p.tile_h * p.tile_w, p.decoded_pixels(h, w)))

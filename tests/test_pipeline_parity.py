@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import VARIANTS
 from helpers import random_image
+from cogrt.engine.request import GenerationRequest
 
 PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
 NEGATIVE = "blurry, low quality"
@@ -108,19 +109,28 @@ def test_load_reports_where_its_time_went(pipeline):
 
 def test_loop_setup_is_reused_and_changes_nothing(pipeline):
     """The scheduler and position tables of the last request serve the next one of the same step count and shape
-    (Pipeline.loop_setup); a request of another kind in between must not leak into the result."""
+    (Pipeline.loop_setup): the same objects, the same video; a request of another kind in between changes nothing."""
     pipe = pipeline("5b")
     req = request_for("5b", 0, num_inference_steps=2)
     first = pipe.generate(**req, seed=3).frames
-    a = pipe.loop_setup(pipe_request(req), torch.Generator("cpu").manual_seed(3))
+    sched, positions = pipe._last_schedule[1][0], pipe._last_positions[1]
+    again = pipe.generate(**req, seed=3).frames  # runs on the kept scheduler and tables
+    assert pipe._last_schedule[1][0] is sched and pipe._last_positions[1] is positions
+    assert np.array_equal(again, first)
     pipe.generate(**request_for("5b", 0, num_inference_steps=3, height=64, width=64, num_frames=17), seed=3)
-    b = pipe.loop_setup(pipe_request(req), torch.Generator("cpu").manual_seed(3))
-    c = pipe.loop_setup(pipe_request(req), torch.Generator("cpu").manual_seed(3))
-    assert b.sched is c.sched and b.positions is c.positions  # reused, not rebuilt
-    assert a.ts == b.ts and torch.equal(a.noise, b.noise) and torch.equal(a.positions[0][0], b.positions[0][0])
+    assert pipe._last_schedule[1][0] is not sched  # replaced by the other kind's
     assert np.array_equal(pipe.generate(**req, seed=3).frames, first)
 
 
-def pipe_request(req: dict):
-    from cogrt.engine.request import GenerationRequest
-    return GenerationRequest(**req)
+def test_image_encode_ignores_the_last_decodes_tiles(pipeline):
+    """A tiled decode leaves its tiles set on the VAE; the next image-to-video request's image encode must not be
+    cut by them (diffusers' pipeline encodes it whole)."""
+    from cogrt.engine import vae_tiles
+    pipe = pipeline("5b-i2v")
+    req = GenerationRequest(**request_for("5b-i2v", 0, height=160, width=288))
+    frames, _ = pipe.cfg.latent_frames(req.num_frames)
+    want = pipe.image_latents(req, frames, torch.Generator("cpu").manual_seed(0))
+    vae_tiles.grid(20, 36, 2, 2).apply(pipe.vae)
+    pipe.vae.tile_sample_min_height = pipe.vae.tile_sample_min_width = 64  # small enough to cut a 160 x 288 image
+    got = pipe.image_latents(req, frames, torch.Generator("cpu").manual_seed(0))
+    assert torch.equal(got, want)

@@ -51,8 +51,6 @@ def test_the_choice_follows_free_memory():
     assert vae_tiles.choose(h, w, 49, 2, 2**20) is None
     assert vae_tiles.choose(h, w, 49, 2, 140 * 2**30, tiled=True).tiled
     assert not vae_tiles.choose(h, w, 49, 2, 2**20, tiled=False, margin=1e9).tiled
-    s = vae_tiles.smallest(h, w)
-    assert all(s.tile_h * s.tile_w <= p.tile_h * p.tile_w for p in vae_tiles.plans(h, w))
 
 
 def test_a_planned_tiled_decode_matches_the_untiled_one(checkpoint):
@@ -92,3 +90,28 @@ def test_the_pipeline_tiles_only_when_memory_is_short(checkpoint, monkeypatch):
     assert pipe.decode_plan.tiled and not pipe.text_parked
     assert got.frames.shape == want.frames.shape
     assert torch.equal(got.latents, want.latents)
+
+
+def test_forced_tiling_and_where_the_text_encoder_goes(checkpoint, monkeypatch):
+    from cogrt.engine import load_pipeline
+    from cogrt.engine import pipeline as pipeline_module
+    from cogrt.engine.request import GenerationRequest
+    pipe = load_pipeline(checkpoint("5b"))
+    small = GenerationRequest(prompt="x", num_frames=9, height=64, width=64)  # no tiled grid exists at 8 x 8 latents
+    big = GenerationRequest(prompt="x", num_frames=9, height=160, width=288)
+    with monkeypatch.context() as m:
+        m.setattr(pipeline_module, "free_memory", lambda device: 1)  # nothing fits
+        pipe.vae_tiling = True
+        pipe._configure_vae(small)  # asked to tile what cannot be tiled: untiled, and nothing is parked for it
+        assert not pipe.decode_plan.tiled and not pipe.text_parked
+        pipe.vae_tiling = False
+        pipe._configure_vae(big)  # tiling off: untiled whatever the memory, nothing parked
+        assert not pipe.decode_plan.tiled and not pipe.text_parked and not pipe.vae.use_tiling
+        pipe.vae_tiling = None
+        pipe._configure_vae(big)  # auto, and not even the smallest tiles fit: the text encoder leaves, the smallest
+        assert pipe.decode_plan.tiled and pipe.text_parked
+        smallest = min(vae_tiles.plans(20, 36), key=lambda p: p.tile_h * p.tile_w)
+        assert pipe.decode_plan == smallest
+    pipe.vae_tiling = True
+    pipe._configure_vae(big)  # asked to tile, with memory to spare: the cheapest tiled grid
+    assert pipe.decode_plan == next(p for p in vae_tiles.plans(20, 36) if p.tiled) and pipe.vae.use_tiling
