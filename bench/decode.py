@@ -22,17 +22,14 @@ import torch
 
 
 def settings(vae, name: str, h: int, w: int):
-    """Apply a setting by name: untiled, diffusers (its fixed 240 x 360 tiles), or RxC (a planned grid)."""
+    """Apply a setting by name: untiled (the 1x1 grid), diffusers (its fixed 240 x 360 tiles), or RxC (a planned
+    grid)."""
     from cogrt.engine import vae_tiles
-    if name == "untiled":
-        plan = vae_tiles.grid(h, w, 1, 1)
-        plan.apply(vae)
-        return plan
     if name == "diffusers":
         vae.enable_tiling(tile_sample_min_height=240, tile_sample_min_width=360, tile_overlap_factor_height=1 / 6,
                           tile_overlap_factor_width=1 / 5)
         return None
-    rows, cols = (int(x) for x in name.split("x"))
+    rows, cols = (1, 1) if name == "untiled" else (int(x) for x in name.split("x"))
     plan = vae_tiles.grid(h, w, rows, cols)
     if plan is None:
         raise SystemExit(f"no {name} grid for {h} x {w} latents")

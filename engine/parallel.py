@@ -17,7 +17,6 @@ video equals the single-device tiled decode. Only rank 0 writes files.
 from __future__ import annotations
 
 import atexit
-
 import math
 from dataclasses import dataclass
 

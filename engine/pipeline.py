@@ -7,12 +7,12 @@ video in both. The transformer is ours; VAE, T5 and the schedulers are the libra
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 import math
 import sys
 import threading
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -47,8 +47,6 @@ class LoopSetup:
     ts: list[int]  # its timesteps, on the host
     dpm: DPMSteps | None  # DPM-Solver++'s coefficients (None for DDIM)
     positions: tuple  # the transformer's position tables for this latent shape (shared, read-only)
-    frames: int  # latent frames, with 1.5's padding
-    extra: int  # how many of them are padding
     noise: torch.Tensor | None  # text-to-video's initial latents, unscaled; None: drawn in the loop (image-to-video)
 
 
@@ -268,7 +266,7 @@ class Pipeline:
             dpm = DPMSteps(sched, ts) if type(sched).__name__ == "CogVideoXDPMScheduler" else None
             self._last_schedule = (steps, (sched, ts, dpm))
         sched, ts, dpm = self._last_schedule[1]
-        frames, extra = cfg.latent_frames(req.num_frames)
+        frames, _ = cfg.latent_frames(req.num_frames)
         h, w = req.height // 8, req.width // 8
         noise = None
         if not cfg.is_i2v:  # image-to-video draws the image's latent sample from the generator first
@@ -284,7 +282,7 @@ class Pipeline:
         if fresh:
             sched.timesteps = sched.timesteps.to(dev)  # where set_timesteps(device=dev) would put them
         noise = noise.to(dev) if noise is not None else None
-        return LoopSetup(sched, ts, dpm, positions, frames, extra, noise)
+        return LoopSetup(sched, ts, dpm, positions, noise)
 
     def denoise(self, req: GenerationRequest, text: torch.Tensor, gen: torch.Generator, progress: bool,
                 cache: caches.StepCache | None = None, on_step=None, setup: LoopSetup | None = None):
@@ -301,7 +299,7 @@ class Pipeline:
         if cache is not None and cache.num_steps != steps:
             raise ValueError(f"the step cache was made for {cache.num_steps} steps; the scheduler gives {steps}")
 
-        frames, extra = setup.frames, setup.extra
+        frames, extra = cfg.latent_frames(req.num_frames)
         h, w = req.height // 8, req.width // 8
         image = self.image_latents(req, frames, gen) if cfg.is_i2v else None
         latents = setup.noise
