@@ -418,6 +418,14 @@ def free_memory(device: torch.device) -> int:
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda i: 1.0)(index)  # torch >= 2.6 has it
         cap = fraction * total - allocated
         return int(min(free + reusable, cap))
+    # on the host, what the kernel could give without swapping (MemAvailable counts the page cache it can drop,
+    # which on a busy machine is most of it; the free pages alone can fall to a few GB and tile a decode for nothing)
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024
+    except (OSError, StopIteration, ValueError):
+        pass
     try:
         import os
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
