@@ -21,7 +21,7 @@ import time
 import torch
 
 
-def settings(vae, name: str, h: int, w: int):
+def apply_setting(vae, name: str, h: int, w: int):
     """Apply a setting by name: untiled (the 1x1 grid), diffusers (its fixed 240 x 360 tiles), or RxC (a planned
     grid)."""
     from cogrt.engine import vae_tiles
@@ -62,7 +62,7 @@ def main(argv=None):
     f, h, w = (int(x) for x in args.latent.split(","))
     vae.enable_slicing()
     weights = torch.cuda.memory_allocated() / 2**30
-    _held = torch.empty(int(args.hold_gb * 2**30), dtype=torch.uint8, device=dev) if args.hold_gb else None
+    _held = torch.empty(int(args.hold_gb * 2**30), dtype=torch.uint8, device=dev) if args.hold_gb else None  # held to the end
     if args.cap_gb:
         total = torch.cuda.mem_get_info(dev)[1]
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 2**30 / total), torch.cuda.current_device())
@@ -75,7 +75,7 @@ def main(argv=None):
     for name, frames, bench in todo:
         z = torch.randn(1, cfg.out_channels, frames, h, w, device=dev, dtype=dt,
                         generator=torch.Generator(dev).manual_seed(0))
-        plan = settings(vae, name, h, w)
+        plan = apply_setting(vae, name, h, w)
         with torch.backends.cudnn.flags(enabled=True, benchmark=bench, deterministic=False, allow_tf32=True), \
                 torch.no_grad():
             torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import threading
 import logging
@@ -393,12 +394,13 @@ class Pipeline:
             # memory is short: hand the denoise loop's cached blocks back, so that the decode's large
             # allocations do not fail on a fragmented cache inside a memory fraction (bench/RESULTS.md, issue 19)
             torch.cuda.empty_cache()
-        possible = [p for p in vae_tiles.plans(h, w) if forced is None or p.tiled == forced]
-        if plan is None and possible and forced is not False:
-            self._park_text_encoder()
-            plan = vae_tiles.choose(h, w, frames, item, free_memory(self.device), forced, margin)
-        if plan is None:  # nothing fits (or no grid of the kind asked for exists): the smallest tiles, and hope
-            plan = min(possible, key=lambda p: p.tile_h * p.tile_w) if possible else vae_tiles.grid(h, w, 1, 1)
+        if plan is None:
+            possible = [p for p in vae_tiles.plans(h, w) if forced is None or p.tiled == forced]
+            if possible and forced is not False:
+                self._park_text_encoder()
+                plan = vae_tiles.choose(h, w, frames, item, free_memory(self.device), forced, margin)
+            if plan is None:  # nothing fits (or no grid of the kind asked for exists): the smallest tiles, and hope
+                plan = min(possible, key=lambda p: p.tile_h * p.tile_w) if possible else vae_tiles.grid(h, w, 1, 1)
         if self.parallel is not None:
             grid = self.parallel.broadcast(torch.tensor([plan.rows, plan.cols], device=self.device))
             plan = vae_tiles.grid(h, w, *grid.tolist())
@@ -422,12 +424,10 @@ def free_memory(device: torch.device) -> int:
     # which on a busy machine is most of it; the free pages alone can fall to a few GB and tile a decode for nothing)
     try:
         with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-        return kib * 1024
+            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         pass
-    try:
-        import os
+    try:  # not Linux
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return 1 << 40
