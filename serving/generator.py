@@ -5,8 +5,8 @@ the one call into the engine (`pipe.run`). Meanwhile it renews the job's lease a
 step it checks for a cancel or a passed deadline. The outputs are written whole, then the job is finished, fenced
 by its attempt number, so a replica that lost its job writes nothing over it.
 
-Replicas are multiplexed by LoRA set (`@serve.multiplexed`): the dispatcher routes a job to a replica that has its
-set fused already, so that the engine's switch only happens on a miss.
+The dispatcher sends a job to a free replica that has its LoRA set fused already, where there is one, by naming
+the replica (serving/routing.py routes the call there), so that the engine's switch only happens on a miss.
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ from .storage import Storage
 from .store import JobStore
 
 log = logging.getLogger(__name__)
-NO_LORA = "base"  # the multiplexed id of jobs without LoRAs (Serve's ids are non-empty)
 
 
 class Stop(Exception):
@@ -88,14 +87,9 @@ class Generator:
         log.info("generator replica %s ready in %.1f s (load %s)", self.replica, self.ready_s,
                  {k: round(v, 2) for k, v in self.pipe.load_timings.items()})
 
-    @serve.multiplexed(max_num_models_per_replica=1)
-    async def lora_set(self, key: str) -> str:
-        """The LoRA set this replica is routed for. The engine fuses it at the job's start (only when it differs
-        from what is fused); one set a replica, as the weights hold one."""
-        return key
-
-    async def run(self, job_id: str, attempt: int) -> dict:
-        await self.lora_set(serve.get_multiplexed_model_id() or NO_LORA)
+    async def run(self, job_id: str, attempt: int, replica: str | None = None) -> dict:
+        """`replica`: the replica the dispatcher chose, read by the router (serving/routing.py), not here. The engine
+        fuses the job's LoRA set at its start, only when it differs from what is fused."""
         return await asyncio.to_thread(self.run_job, job_id, attempt)
 
     async def check_health(self) -> None:

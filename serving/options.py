@@ -9,6 +9,7 @@ from .config import ServeConfig
 APP = "cogrt"
 IMPORT_PATH = "cogrt.serving.app:build_app"
 POLICY = "cogrt.serving.autoscale:BacklogPolicy"
+ROUTER = "cogrt.serving.routing:ChosenReplica"  # a job goes to the replica the dispatcher chose
 
 
 def gpus(cfg: ServeConfig) -> float:
@@ -34,6 +35,7 @@ def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
     generator = dict(
         name="Generator",
         max_ongoing_requests=1,  # one job at a time; the dispatcher sends one only to a free replica
+        request_router_config={"request_router_class": ROUTER},
         ray_actor_options=actor,
         health_check_period_s=2.0,  # a dead replica is found, and replaced, within seconds
         health_check_timeout_s=60.0,

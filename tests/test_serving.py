@@ -74,12 +74,23 @@ def test_openai_client_end_to_end(svc, tmp_path):
 
 def test_six_concurrent_jobs_and_lora_routing(svc):
     """Two replicas, six jobs at once with two LoRA sets: all complete, and jobs go to the replica that has their
-    set fused, so the engine switches sets about once a replica, not once a job."""
+    set fused, so the engine switches sets about once a replica, not once a job.
+
+    The six are posted while each replica runs a longer job of one set, so that all six wait in the queue when the
+    dispatcher first chooses among them. Posted to idle replicas, the order in which they arrive decides instead:
+    were two of one set to arrive first, both replicas would take that set (a replica never idles while a job
+    waits), and one would switch again."""
     sets = [json.dumps([{"name": LORA, "weight": 1.0}]), json.dumps([{"name": LORA, "weight": 0.5}])]
+    first = []
+    for i, s in enumerate(sets):  # one at a time: the second finds one replica busy, and goes to the other
+        first.append(svc.create(loras=s, seed=10 + i, num_inference_steps=40).json()["id"])
+        svc.wait(first[-1], until=("in_progress", "completed", "failed"))
     with concurrent.futures.ThreadPoolExecutor(6) as ex:
         posted = list(ex.map(lambda i: svc.create(loras=sets[i % 2], seed=i), range(6)))
     assert all(r.status_code == 202 for r in posted), [r.text for r in posted]
-    done = [svc.wait(r.json()["id"]) for r in posted]
+    with svc.client() as c:  # the premise: both longer jobs still run, so none of the six has been dispatched
+        assert [c.get(f"/v1/videos/{v}").json()["status"] for v in first] == ["in_progress"] * 2
+    done = [svc.wait(v) for v in first] + [svc.wait(r.json()["id"]) for r in posted]
     assert all(v["status"] == "completed" for v in done), done
     switches = sum(bool(v["cogrt"]["lora_switched"]) for v in done)
     replicas = {v["cogrt"]["replica"] for v in done}
