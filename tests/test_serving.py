@@ -103,7 +103,10 @@ def test_six_concurrent_jobs_and_lora_routing(svc):
 
 
 def test_events_stream_progress_then_the_final_object(svc):
-    vid = svc.create(num_inference_steps=12).json()["id"]
+    """The store takes a job's progress at most 4 times a second and the stream polls it as often, so the job runs
+    60 steps, long enough on any machine for several values: a 12-step job (about 0.4 s of steps) showed only 2 on
+    a loaded CI machine."""
+    vid = svc.create(num_inference_steps=60).json()["id"]
     events = []
     with svc.client() as c, c.stream("GET", f"/v1/videos/{vid}/events") as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
