@@ -87,7 +87,7 @@ def test_six_concurrent_jobs_and_lora_routing(svc):
     sets = [json.dumps([{"name": LORA, "weight": 1.0}]), json.dumps([{"name": LORA, "weight": 0.5}])]
     first = []
     for i, s in enumerate(sets):  # one at a time: the second finds one replica busy, and goes to the other
-        first.append(svc.create(loras=s, seed=10 + i, num_inference_steps=30).json()["id"])
+        first.append(svc.create(loras=s, seed=10 + i, num_inference_steps=60).json()["id"])
         svc.wait(first[-1], until=("in_progress", "completed", "failed"))
     with concurrent.futures.ThreadPoolExecutor(6) as ex:
         posted = list(ex.map(lambda i: svc.create(loras=sets[i % 2], seed=i), range(6)))
