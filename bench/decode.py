@@ -62,7 +62,8 @@ def main(argv=None):
     f, h, w = (int(x) for x in args.latent.split(","))
     vae.enable_slicing()
     weights = torch.cuda.memory_allocated() / 2**30
-    _held = torch.empty(int(args.hold_gb * 2**30), dtype=torch.uint8, device=dev) if args.hold_gb else None  # held to the end
+    # held to the end, as resident weights would be
+    _held = torch.empty(int(args.hold_gb * 2**30), dtype=torch.uint8, device=dev) if args.hold_gb else None
     if args.cap_gb:
         total = torch.cuda.mem_get_info(dev)[1]
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 2**30 / total), torch.cuda.current_device())
@@ -97,30 +98,31 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
                 continue
         ref.setdefault(frames, out)  # the first setting (untiled by default) is the reference
-        px_frame = (plan.decoded_pixels(h, w) if plan else None)
         row = dict(setting=name, latent_frames=frames, cudnn_benchmark=bench, first_s=first, first_peak_gib=first_peak,
                    s=ms / 1e3, peak_gib=peak, peak_reserved_gib=reserved, rel_err_vs_first=rel_err(out, ref[frames]),
                    tiles=(plan.rows * plan.cols if plan else None),
                    tile_latents=([plan.tile_h, plan.tile_w] if plan else None),
-                   decoded_pixels_vs_frame=(px_frame / (64 * h * w) if plan else None),
+                   decoded_pixels_vs_frame=(plan.decoded_pixels(h, w) / (64 * h * w) if plan else None),
                    planned_peak_gib=(plan.peak_bytes(1 + 4 * (frames - 1), 2) / 2**30 if plan else None))
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = dict(environment(dev), preset=args.preset, latent=[f, h, w], weights="random (real-size VAE)",
                 vae_weights_gib=weights, hold_gib=args.hold_gb, cap_gib=args.cap_gb,
-                command=" ".join(["python -m cogrt.bench.decode", *(sys.argv[1:] if argv is None else argv)]), rows=rows)
+                command=" ".join(["python -m cogrt.bench.decode", *(sys.argv[1:] if argv is None else argv)]),
+                rows=rows)
     print("\n| decode | latent frames | cudnn.benchmark | first call s | s (median) | peak GiB | peak reserved GiB | "
           "planned peak GiB | pixels decoded / frame | rel err vs the first |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("oom"):
-            print(f"| {r['setting']} | {r['latent_frames']} | | out of memory | | | {r['peak_reserved_gib']:.1f} | | | |")
+            print(f"| {r['setting']} | {r['latent_frames']} | | out of memory | | | "
+                  f"{r['peak_reserved_gib']:.1f} | | | |")
             continue
         planned = f"{r['planned_peak_gib']:.1f}" if r["planned_peak_gib"] is not None else ""
         px = f"{r['decoded_pixels_vs_frame']:.2f}" if r["decoded_pixels_vs_frame"] is not None else ""
         print(f"| {r['setting']} | {r['latent_frames']} | {'on' if r['cudnn_benchmark'] else 'off'} | "
-              f"{r['first_s']:.2f} | {r['s']:.2f} | {r['peak_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {planned} | {px} | "
-              f"{r['rel_err_vs_first']:.1e} |")
+              f"{r['first_s']:.2f} | {r['s']:.2f} | {r['peak_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {planned} | "
+              f"{px} | {r['rel_err_vs_first']:.1e} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(meta, fh, indent=2)
